@@ -1,0 +1,139 @@
+"""The `local` backend: kernels as processes on this machine. It isolates nothing.
+
+Each sandbox gets a folder under the data dir with a workspace (the kernels' cwd, `skills/`
+on PYTHONPATH, `images/`) and a virtual environment of its own for packages installed at
+runtime. The environment sees the daemon's packages (ipykernel among them) through a `.pth`
+file, so it costs a few milliseconds to make and `installPackage` never touches the daemon's
+own environment or another sandbox's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import site
+import signal
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import AsyncKernelManager
+
+from cellboxd.backends.base import OnLine, RunResult
+
+_LINE_LIMIT = 1 << 20  # bytes of one output line passed to `on_line`
+_DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+
+
+def _daemon_site_dirs() -> list[str]:
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    dirs += [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+class LocalSandbox:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = root
+        self._user_env = env
+        self._venv = root / "venv"
+        self._procs: set[asyncio.subprocess.Process] = set()
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "workspace"
+
+    @property
+    def python(self) -> str:
+        return str(self._venv / "bin" / "python")
+
+    @property
+    def site_packages(self) -> Path:
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        return self._venv / "lib" / version / "site-packages"
+
+    @classmethod
+    def create(cls, root: Path, env: dict[str, str]) -> LocalSandbox:
+        sandbox = cls(root, env)
+        for sub in ("skills", "images"):
+            (sandbox.workspace / sub).mkdir(parents=True, exist_ok=True)
+        (root / "kernels").mkdir(exist_ok=True)
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(sandbox._venv)
+        lines = "; ".join(f"site.addsitedir({d!r})" for d in _daemon_site_dirs())
+        (sandbox.site_packages / "_cellbox_daemon.pth").write_text(f"import site; {lines}\n")
+        # `!pip` in a cell installs into this sandbox, like `%pip` does
+        pip = sandbox._venv / "bin" / "pip"
+        pip.write_text(f'#!/bin/sh\nexec "{sandbox.python}" -m pip "$@"\n')
+        pip.chmod(0o755)
+        return sandbox
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith("CELLBOX_")}
+        env.update(self._user_env)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self.workspace / "skills"), self._user_env.get("PYTHONPATH")) if p
+        )
+        env["VIRTUAL_ENV"] = str(self._venv)
+        env["PATH"] = f"{self._venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
+        return env
+
+    def kernel_manager(self, kernel_id: str) -> tuple[AsyncKernelManager, dict[str, Any]]:
+        km = AsyncKernelManager(
+            kernel_name="cellbox", connection_file=str(self.root / "kernels" / f"{kernel_id}.json")
+        )
+        km._kernel_spec = KernelSpec(
+            argv=[self.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            display_name="cellbox",
+            language="python",
+            interrupt_mode="signal",
+        )
+        return km, {"env": self.environment(), "cwd": str(self.workspace)}
+
+    async def run(self, argv: list[str], on_line: OnLine | None = None) -> RunResult:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.environment(),
+            cwd=self.workspace,
+            start_new_session=True,
+            limit=_LINE_LIMIT,
+        )
+        self._procs.add(proc)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            out, err = await asyncio.gather(_collect(proc.stdout, on_line), _collect(proc.stderr, on_line))
+            returncode = await proc.wait()
+        finally:
+            self._procs.discard(proc)
+            if proc.returncode is None:
+                _kill(proc)
+                await proc.wait()
+        return RunResult(returncode, out, err)
+
+    async def close(self) -> None:
+        for proc in list(self._procs):
+            _kill(proc)
+        await asyncio.to_thread(shutil.rmtree, self.root, ignore_errors=True)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _collect(stream: asyncio.StreamReader, on_line: OnLine | None) -> str:
+    if on_line is None:
+        return (await stream.read()).decode(errors="replace")
+    chunks: list[str] = []
+    while line := await stream.readline():
+        text = line.decode(errors="replace")
+        chunks.append(text)
+        if on_line is not None:
+            on_line(text.rstrip("\n"))
+    return "".join(chunks)

@@ -1,0 +1,265 @@
+"""The `cellbox` command: the daemon (`serve`) and one-shot commands that drive it as a client."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cellbox import __version__
+from cellbox import types as t
+from cellbox.client import Client, ExecutionEvent
+from cellbox.errors import CellboxError, InstallFailed
+
+_BACKENDS = ["local", "docker"]
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
+_EXIT_INTERRUPTED = 130
+_DISPLAY_TEXT_CHARS = 80
+
+
+def _client() -> Client:
+    """A client of a daemon run by this interpreter, which logs warnings and errors only."""
+    return Client([sys.executable, "-m", "cellboxd", "serve", "--log-level", "warning"])
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cellboxd.server import serve  # lazily: the other subcommands start faster without it
+
+    return serve(log_level=args.log_level, data_dir=args.data_dir, default_backend=args.backend)
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+def _env_var(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _show(event: ExecutionEvent) -> None:
+    if isinstance(event, t.OutputNotification):
+        stream = sys.stdout if event.stream == "stdout" else sys.stderr
+        stream.write(event.text)
+        stream.flush()
+    else:
+        print(_display_line(event), file=sys.stderr, flush=True)
+
+
+def _display_line(event: t.DisplayNotification) -> str:
+    if event.path is not None:
+        mimetype = next((m for m in event.data if m != "text/plain"), "text/plain")
+        return f"[display {mimetype} → {event.path}]"
+    text = event.data.get("text/plain")
+    if isinstance(text, str):
+        line = " ".join(text.split())
+        if len(line) > _DISPLAY_TEXT_CHARS:
+            line = line[: _DISPLAY_TEXT_CHARS - 1] + "…"
+        return f"[display text/plain: {line}]"
+    return f"[display {', '.join(event.data)}]"
+
+
+def _report(result: t.ExecuteResult, timeout: float) -> int:
+    """Print what the output stream did not say about the result; the exit status."""
+    if result.status == "ok":
+        return 0
+    if result.status == "error" and result.error is not None:
+        lines = result.error.traceback or [f"{result.error.ename}: {result.error.evalue}"]
+        print("\n".join(lines), file=sys.stderr)
+        return 1
+    message = {
+        "timeout": f"the execution timed out after {timeout:g} s",
+        "died": "the kernel died during the execution",
+        "cancelled": "the execution was cancelled",
+    }.get(result.status, f"the execution ended with status {result.status!r}")
+    if result.error is not None and result.error.evalue:
+        message += f" ({result.error.evalue})"
+    print(f"cellbox: {message}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.code is not None:
+        code: str = args.code
+    elif args.file == "-":
+        code = sys.stdin.read()
+    else:
+        try:
+            code = Path(args.file).read_text(encoding="utf-8")
+        except OSError as e:
+            print(f"cellbox: cannot read {args.file}: {e.strerror}", file=sys.stderr)
+            return 1
+    with _client() as client, client.create_sandbox(args.backend, env=dict(args.env)) as sandbox:
+        kernel = sandbox.start_kernel()
+        execution = kernel.stream(code, timeout=args.timeout)
+        try:
+            for event in execution:
+                _show(event)
+            result = execution.result()
+        except KeyboardInterrupt:
+            result = execution.cancel()
+            for event in execution:  # what arrived before the cancellation took effect
+                _show(event)
+            _report(result, args.timeout)
+            return _EXIT_INTERRUPTED
+    return _report(result, args.timeout)
+
+
+# --- install -------------------------------------------------------------------------------
+
+
+def _install(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    shown: list[str] = []
+
+    def progress(message: str) -> None:
+        shown.append(message)
+        console.print(message.rstrip("\n"), style="dim", markup=False, soft_wrap=True)
+
+    with _client() as client, client.create_sandbox("local") as sandbox:
+        try:
+            installed = sandbox.install(args.packages, upgrade=args.upgrade, on_progress=progress)
+        except InstallFailed as e:
+            print(f"cellbox: {e.message}", file=sys.stderr)
+            log = (e.data or {}).get("log")
+            if log and not shown:  # else the progress lines showed it already
+                print(log.rstrip("\n"), file=sys.stderr)
+            return 1
+    for package in installed:
+        print(f"{package.name}=={package.version}")
+    return 0
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return path
+
+
+def _sources(args: argparse.Namespace) -> int:
+    with _client() as client, client.create_sandbox("local") as sandbox:
+        if args.skills is not None:
+            shutil.copytree(args.skills, Path(sandbox.workspace) / "skills", dirs_exist_ok=True)
+        result = sandbox.skill_sources(args.modules)
+    print(result.formatted)
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    def command(name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="cellbox",
+        description="Sandboxed, stateful Python kernels behind one JSON-RPC daemon.",
+        epilog="Run `cellbox COMMAND --help` for the options and examples of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"cellbox {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = command(
+        "serve",
+        "run the daemon on stdin/stdout (for editors and clients)",
+        "Run the cellbox daemon: JSON-RPC 2.0 with LSP framing on stdin and stdout, logs on\n"
+        "stderr. Editors and the Python client start it; it exits when its client says `exit`.",
+        "examples:\n  cellbox serve\n  cellbox serve --log-level debug --backend docker",
+    )
+    serve.add_argument("--log-level", choices=_LOG_LEVELS, help="the lowest level logged (default: info)")
+    serve.add_argument("--data-dir", metavar="DIR", help="where sandboxes and state are kept")
+    serve.add_argument("--backend", choices=_BACKENDS, help="the default backend of new sandboxes")
+    serve.set_defaults(handler=_serve)
+
+    run = command(
+        "run",
+        "run Python code once in a fresh sandbox",
+        "Run code in a fresh sandbox and kernel, then throw both away. The kernel's stdout and\n"
+        "stderr are streamed as they are produced; displays (plots, images) are shown as one\n"
+        "line on stderr with the file they were saved to. Exits 1 when the code raises, times\n"
+        "out or its kernel dies, and 130 when interrupted with Ctrl-C.",
+        "examples:\n"
+        "  cellbox run -c 'print(6 * 7)'\n"
+        "  cellbox run script.py --timeout 600\n"
+        "  echo 'import sys; print(sys.version)' | cellbox run -\n"
+        "  cellbox run -c 'import os; print(os.environ[\"API_KEY\"])' --env API_KEY=secret",
+    )
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--code", help="the code to run")
+    source.add_argument("file", nargs="?", metavar="FILE", help="a file of code to run; - reads stdin")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds before the kernel is interrupted (120)",
+    )
+    run.add_argument("--backend", choices=_BACKENDS, help="the sandbox backend (default: the daemon's)")
+    run.add_argument(
+        "--env",
+        type=_env_var,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable of the sandbox (repeatable)",
+    )
+    run.set_defaults(handler=_run)
+
+    install = command(
+        "install",
+        "install packages into a fresh local sandbox and print their versions",
+        "Install packages (PEP 508 requirements) into a fresh local sandbox, showing the\n"
+        "installer's progress on stderr, and print `name==version` for each installed package.",
+        "examples:\n  cellbox install requests\n  cellbox install 'httpx>=0.27' rich --upgrade",
+    )
+    install.add_argument("packages", nargs="+", metavar="PKG", help="a requirement, e.g. requests==2.32.3")
+    install.add_argument("--upgrade", action="store_true", help="upgrade packages that are already installed")
+    install.set_defaults(handler=_install)
+
+    sources = command(
+        "sources",
+        "print the sources of modules as a sandbox resolves them",
+        "Print the sources of modules, resolved inside a fresh local sandbox without running\n"
+        "them, formatted for a prompt. --skills DIR copies DIR into the sandbox's `skills/`\n"
+        "folder first, so that the modules in it resolve.",
+        "examples:\n  cellbox sources json.decoder\n  cellbox sources weather weather.api --skills ./skills",
+    )
+    sources.add_argument("modules", nargs="+", metavar="MODULE", help="a dotted module name")
+    sources.add_argument("--skills", type=_directory, metavar="DIR", help="a folder of skill modules")
+    sources.set_defaults(handler=_sources)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        status: int = args.handler(args)
+    except CellboxError as e:
+        print(f"cellbox: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return _EXIT_INTERRUPTED
+    return status

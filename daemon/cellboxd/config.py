@@ -1,0 +1,90 @@
+"""Settings and where things live.
+
+Settings come, each overriding the one before, from the defaults here, the TOML file
+`config.toml` in the platformdirs config dir (or `$CELLBOX_CONFIG`), the `CELLBOX_*`
+environment variables, the command line, and `initializationOptions` of `initialize`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import platformdirs
+
+APP = "cellbox"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The daemon's settings; the TOML file uses these names (snake_case)."""
+
+    default_backend: Literal["local", "docker"] = "local"
+    log_level: LogLevel = "info"
+    data_dir: str = ""
+    cache_dir: str = ""
+    log_dir: str = ""
+    # characters of an ExecuteResult's `text`; streamed notifications are never capped
+    text_cap: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000
+    # seconds a kernel may take to go idle after an interrupt before it is restarted
+    interrupt_grace: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    # seconds a kernel may take to answer its first kernel_info request
+    kernel_start_timeout: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # installer for installPackage: "auto" takes uv when it is on PATH, else pip
+    installer: Literal["auto", "pip", "uv"] = "auto"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir or platformdirs.user_data_dir(APP))
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or platformdirs.user_cache_dir(APP))
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.log_dir or platformdirs.user_log_dir(APP))
+
+
+class ConfigError(Exception):
+    """The config file or an environment variable holds a value cellbox cannot use."""
+
+
+_ENV = {
+    "CELLBOX_DEFAULT_BACKEND": "default_backend",
+    "CELLBOX_LOG_LEVEL": "log_level",
+    "CELLBOX_DATA_DIR": "data_dir",
+    "CELLBOX_CACHE_DIR": "cache_dir",
+    "CELLBOX_LOG_DIR": "log_dir",
+    "CELLBOX_TEXT_CAP": "text_cap",
+    "CELLBOX_INTERRUPT_GRACE": "interrupt_grace",
+    "CELLBOX_KERNEL_START_TIMEOUT": "kernel_start_timeout",
+    "CELLBOX_INSTALLER": "installer",
+}
+
+
+def config_file() -> Path:
+    return Path(os.environ.get("CELLBOX_CONFIG") or Path(platformdirs.user_config_dir(APP)) / "config.toml")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Defaults < config file < environment < `overrides` (values of None are skipped)."""
+    values: dict[str, Any] = {}
+    path = config_file()
+    if path.is_file():
+        try:
+            values.update(msgspec.toml.decode(path.read_bytes()))
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for var, field in _ENV.items():
+        if (value := os.environ.get(var)) is not None and value != "":
+            values[field] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        # str_values: numbers given as environment strings are accepted
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc} (config file {path}, or a CELLBOX_* variable)") from exc

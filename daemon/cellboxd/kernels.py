@@ -1,0 +1,280 @@
+"""A kernel: one IPython kernel driven through jupyter_client's async manager and client.
+
+Each kernel has one IOPub reader and one shell reader that route messages to the running
+execution by their parent's msg_id, a monitor that notices a dead kernel process at once, and
+a FIFO lock so that executes on one kernel run in arrival order (kernels run in parallel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+
+from cellbox import errors, methods
+from cellbox import types as t
+from cellboxd.execution import Execution, Notify
+
+log = logging.getLogger(__name__)
+
+_POLL_BUSY = 0.05  # seconds between liveness checks while an execution runs
+_POLL_IDLE = 1.0
+
+
+class Kernel:
+    def __init__(
+        self,
+        *,
+        kernel_id: str,
+        sandbox_id: str,
+        manager: AsyncKernelManager,
+        launch_kwargs: dict[str, Any],
+        images_dir: Path,
+        text_cap: int,
+        interrupt_grace: float,
+        start_timeout: float,
+        notify: Notify,
+        name: str | None = None,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.sandbox_id = sandbox_id
+        self.name = name
+        self.state: t.KernelState = "starting"
+        self._km = manager
+        self._launch_kwargs = launch_kwargs
+        self._kc: AsyncKernelClient | None = None
+        self._images_dir = images_dir
+        self._text_cap = text_cap
+        self._grace = interrupt_grace
+        self._start_timeout = start_timeout
+        self._notify = notify
+        self._queue = asyncio.Lock()
+        self._current: Execution | None = None
+        self._current_msg_id: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._busy = asyncio.Event()  # wakes the monitor when an execution starts
+        self._restarting = False
+        self._pending_restart: asyncio.Task[None] | None = None
+        self.closed = False
+        self.exit_code: int | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._set_state("starting")
+        await self._km.start_kernel(**self._launch_kwargs)
+        await self._connect()
+
+    async def _connect(self) -> None:
+        kc = self._km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=self._start_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            kc.stop_channels()
+            raise errors.KernelDied(f"kernel {self.kernel_id} did not start: {exc}") from exc
+        self._kc = kc
+        self.exit_code = None
+        self._tasks = [
+            asyncio.create_task(self._read_iopub(kc), name=f"iopub-{self.kernel_id}"),
+            asyncio.create_task(self._read_shell(kc), name=f"shell-{self.kernel_id}"),
+            asyncio.create_task(self._monitor(), name=f"monitor-{self.kernel_id}"),
+        ]
+        self._set_state("idle")
+
+    async def _disconnect(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._kc is not None:
+            self._kc.stop_channels()
+            self._kc = None
+
+    async def shutdown(self, now: bool = False) -> None:
+        """Stops the kernel process; an execution still running ends as `died`."""
+        if self.closed:
+            return
+        self.closed = True
+        self._end_current()
+        if self._pending_restart is not None:
+            self._pending_restart.cancel()
+        await self._disconnect()
+        try:
+            await self._km.shutdown_kernel(now=now)
+        except Exception:
+            log.exception("kernel %s: shutdown failed; killing it", self.kernel_id)
+            with contextlib.suppress(Exception):
+                await self._km.shutdown_kernel(now=True)
+        self._set_state("dead")
+
+    async def interrupt(self) -> None:
+        self._check_usable()
+        await self._km.interrupt_kernel()
+
+    async def restart(self) -> None:
+        """A fresh process with the same kernelId; works on a dead kernel too."""
+        self._check_open()
+        self._restarting = True
+        try:
+            self._set_state("restarting")
+            self._end_current()
+            await self._disconnect()
+            try:
+                await self._km.restart_kernel(now=True)
+            except Exception:
+                # the process may be long gone; start anew with the same settings
+                log.info("kernel %s: restart failed, starting a new process", self.kernel_id)
+                with contextlib.suppress(Exception):
+                    await self._km.shutdown_kernel(now=True)
+                await self._km.start_kernel(**self._launch_kwargs)
+            await self._connect()
+        except BaseException:
+            self._set_state("dead")
+            raise
+        finally:
+            self._restarting = False
+
+    # -- execution --------------------------------------------------------------------------
+
+    async def execute(self, params: t.ExecuteParams) -> t.ExecuteResult:
+        execution_id = params.execution_id or uuid.uuid4().hex
+        execution = Execution(
+            execution_id=execution_id,
+            kernel_id=self.kernel_id,
+            images_dir=self._images_dir,
+            text_cap=self._text_cap,
+            notify=self._notify,
+        )
+        try:
+            async with self._queue:
+                if self._pending_restart is not None:
+                    await asyncio.shield(self._pending_restart)
+                    self._pending_restart = None
+                self._check_usable()
+                return await self._run(execution, params)
+        except asyncio.CancelledError:
+            raise errors.RequestCancelled(
+                "execution cancelled", {"result": _builtins(execution.result("cancelled", execution.error))}
+            ) from None
+
+    async def _run(self, execution: Execution, params: t.ExecuteParams) -> t.ExecuteResult:
+        assert self._kc is not None
+        msg_id = self._kc.execute(params.code, store_history=True, allow_stdin=False, stop_on_error=False)
+        self._current, self._current_msg_id = execution, msg_id
+        self._busy.set()
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(execution.finished), params.timeout)
+            except TimeoutError:
+                return await self._stop(execution, "timeout", f"did not finish within {params.timeout:g} s")
+            except asyncio.CancelledError:
+                result = await asyncio.shield(self._stop(execution, "cancelled", "was cancelled"))
+                raise errors.RequestCancelled("execution cancelled", {"result": _builtins(result)}) from None
+            if self.exit_code is not None or self.state == "dead":
+                return execution.result("died", self._death_error())
+            return execution.result()
+        finally:
+            self._current = self._current_msg_id = None
+
+    async def _stop(self, execution: Execution, status: t.ExecuteStatus, what: str) -> t.ExecuteResult:
+        """Interrupts a running execution; restarts the kernel if it does not stop in time."""
+        if self.exit_code is None and self.state != "dead":
+            with contextlib.suppress(Exception):
+                await self._km.interrupt_kernel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(execution.finished), self._grace)
+        if self.exit_code is not None or self.state == "dead":
+            return execution.result("died", self._death_error())
+        evalue = f"the execution {what}; the kernel was interrupted"
+        if not execution.finished.done():
+            evalue += (
+                f" but did not stop within {self._grace:g} s, so it is being restarted (its state is lost)"
+            )
+            self._pending_restart = asyncio.create_task(self.restart())
+        name = "TimeoutError" if status == "timeout" else "ExecutionCancelled"
+        traceback = execution.error.traceback if execution.error else []
+        return execution.result(status, t.ErrorInfo(name, evalue, traceback))
+
+    def _death_error(self) -> t.ErrorInfo:
+        code = "" if self.exit_code is None else f" (exit code {self.exit_code})"
+        return t.ErrorInfo("KernelDied", f"the kernel process ended{code}; restart it to go on", [])
+
+    def _end_current(self) -> None:
+        if self._current is not None:
+            self._current.end()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise errors.KernelNotFound(f"kernel {self.kernel_id} was shut down", {"kernelId": self.kernel_id})
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self.state == "dead" or self._kc is None:
+            raise errors.KernelDied(
+                f"kernel {self.kernel_id} is dead{self._exit_text()}; restart it with {methods.RESTART_KERNEL}",
+                {"kernelId": self.kernel_id},
+            )
+
+    def _exit_text(self) -> str:
+        return "" if self.exit_code is None else f" (exit code {self.exit_code})"
+
+    # -- background tasks -------------------------------------------------------------------
+
+    def _set_state(self, state: t.KernelState) -> None:
+        if state != self.state:
+            self.state = state
+            self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, state))
+
+    async def _read_iopub(self, kc: AsyncKernelClient) -> None:
+        channel = kc.iopub_channel
+        while True:
+            msg = await channel.get_msg()
+            msg_type = msg["header"]["msg_type"]
+            content = msg["content"]
+            if msg_type == "status" and not self._restarting:
+                state = content.get("execution_state")
+                if state in ("busy", "idle"):
+                    self._set_state(state)
+            execution = self._current
+            if execution is not None and msg["parent_header"].get("msg_id") == self._current_msg_id:
+                execution.on_iopub(msg_type, content)
+
+    async def _read_shell(self, kc: AsyncKernelClient) -> None:
+        channel = kc.shell_channel
+        while True:
+            msg = await channel.get_msg()
+            execution = self._current
+            if execution is not None and msg["parent_header"].get("msg_id") == self._current_msg_id:
+                execution.on_reply(msg["content"])
+
+    async def _monitor(self) -> None:
+        """Notices a kernel process that is gone, and ends the execution waiting on it."""
+        while True:
+            interval = _POLL_BUSY if self._current is not None else _POLL_IDLE
+            self._busy.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._busy.wait(), interval)
+            if self._restarting or self.closed:
+                continue
+            provisioner: Any = self._km.provisioner
+            code = None if provisioner is None else await provisioner.poll()
+            if code is not None:
+                self.exit_code = code
+                log.warning("kernel %s died%s", self.kernel_id, self._exit_text())
+                self._set_state("dead")
+                self._end_current()
+                return
+
+
+def _builtins(result: t.ExecuteResult) -> Any:
+    return msgspec.to_builtins(result)

@@ -1,0 +1,189 @@
+"""The daemon's sandboxes and their kernels: creation, lookup and teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from cellbox import errors
+from cellbox import types as t
+from cellboxd.backends.base import SandboxRuntime
+from cellboxd.backends.local import LocalSandbox
+from cellboxd.config import Settings
+from cellboxd.execution import Notify
+from cellboxd.kernels import Kernel
+
+log = logging.getLogger(__name__)
+
+_OWNER_FILE = "daemon.pid"
+
+
+class Sandbox:
+    def __init__(self, info: t.SandboxInfo, runtime: SandboxRuntime) -> None:
+        self.info = info
+        self.runtime = runtime
+        self.kernels: dict[str, Kernel] = {}
+        # serializes package installs: two pips in one environment at once corrupt it
+        self.install_lock = asyncio.Lock()
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.info.sandbox_id
+
+    def describe(self) -> t.SandboxInfo:
+        self.info.kernels = list(self.kernels)
+        return self.info
+
+
+class SandboxManager:
+    def __init__(self, settings: Callable[[], Settings], notify: Notify) -> None:
+        self._settings = settings
+        self._notify = notify
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._kernels: dict[str, Kernel] = {}
+        self._swept = False
+
+    @property
+    def _root(self) -> Path:
+        return self._settings().data_path / "sandboxes"
+
+    def backends(self) -> list[t.Backend]:
+        return ["local"]
+
+    # -- sandboxes --------------------------------------------------------------------------
+
+    async def create(self, params: t.CreateSandboxParams) -> Sandbox:
+        backend = params.backend or self._settings().default_backend
+        if backend != "local":
+            raise errors.BackendUnavailable(
+                f"the {backend} backend is not available in this daemon; use backend 'local'",
+                {"backend": backend},
+            )
+        if params.image or params.mounts or params.limits or params.network:
+            raise errors.InvalidParams(
+                "Invalid params: `image`, `mounts`, `limits` and `network` need the docker backend; "
+                "the local backend isolates nothing"
+            )
+        if not self._swept:
+            self._swept = True
+            await asyncio.to_thread(self._sweep_orphans)
+        sandbox_id = "sb-" + secrets.token_hex(6)
+        root = self._root / sandbox_id
+        root.mkdir(parents=True)
+        (root / _OWNER_FILE).write_text(str(os.getpid()))
+        try:
+            runtime = await asyncio.to_thread(LocalSandbox.create, root, params.env)
+        except Exception:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        info = t.SandboxInfo(
+            sandbox_id=sandbox_id,
+            backend="local",
+            kernels=[],
+            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            name=params.name,
+        )
+        sandbox = Sandbox(info, runtime)
+        self._sandboxes[sandbox_id] = sandbox
+        log.info("sandbox %s created in %s", sandbox_id, root)
+        return sandbox
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        try:
+            return self._sandboxes[sandbox_id]
+        except KeyError:
+            raise errors.SandboxNotFound(
+                f"no sandbox {sandbox_id!r}", {"sandboxId": sandbox_id}
+            ) from None
+
+    def list(self) -> list[t.SandboxInfo]:
+        return [sandbox.describe() for sandbox in self._sandboxes.values()]
+
+    async def destroy(self, sandbox_id: str, now: bool = False) -> None:
+        sandbox = self.get(sandbox_id)
+        del self._sandboxes[sandbox_id]
+        await asyncio.gather(*(self._drop_kernel(k, now) for k in list(sandbox.kernels.values())))
+        await sandbox.runtime.close()
+        log.info("sandbox %s destroyed", sandbox_id)
+
+    async def close_all(self) -> None:
+        """Stops every kernel and removes every sandbox, at once (the daemon is leaving)."""
+        await asyncio.gather(
+            *(self.destroy(sandbox_id, now=True) for sandbox_id in list(self._sandboxes)),
+            return_exceptions=True,
+        )
+
+    def _sweep_orphans(self) -> None:
+        """Removes the sandbox folders of daemons that are gone (killed, or crashed)."""
+        if not self._root.is_dir():
+            return
+        for root in self._root.iterdir():
+            try:
+                pid = int((root / _OWNER_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            if not _alive(pid):
+                log.info("removing %s, left by daemon %d", root, pid)
+                shutil.rmtree(root, ignore_errors=True)
+
+    # -- kernels ----------------------------------------------------------------------------
+
+    async def start_kernel(self, params: t.StartKernelParams) -> Kernel:
+        sandbox = self.get(params.sandbox_id)
+        settings = self._settings()
+        kernel_id = "k-" + secrets.token_hex(6)
+        manager, launch_kwargs = sandbox.runtime.kernel_manager(kernel_id)
+        kernel = Kernel(
+            kernel_id=kernel_id,
+            sandbox_id=sandbox.sandbox_id,
+            manager=manager,
+            launch_kwargs=launch_kwargs,
+            images_dir=sandbox.runtime.workspace / "images",
+            text_cap=settings.text_cap,
+            interrupt_grace=settings.interrupt_grace,
+            start_timeout=settings.kernel_start_timeout,
+            notify=self._notify,
+            name=params.name,
+        )
+        sandbox.kernels[kernel_id] = kernel
+        self._kernels[kernel_id] = kernel
+        try:
+            await kernel.start()
+        except BaseException:
+            await self._drop_kernel(kernel, now=True)
+            raise
+        return kernel
+
+    def kernel(self, kernel_id: str) -> Kernel:
+        try:
+            return self._kernels[kernel_id]
+        except KeyError:
+            raise errors.KernelNotFound(f"no kernel {kernel_id!r}", {"kernelId": kernel_id}) from None
+
+    async def shutdown_kernel(self, kernel_id: str) -> None:
+        await self._drop_kernel(self.kernel(kernel_id), now=False)
+
+    async def _drop_kernel(self, kernel: Kernel, now: bool) -> None:
+        self._kernels.pop(kernel.kernel_id, None)
+        sandbox = self._sandboxes.get(kernel.sandbox_id)
+        if sandbox is not None:
+            sandbox.kernels.pop(kernel.kernel_id, None)
+        with contextlib.suppress(Exception):
+            await kernel.shutdown(now=now)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

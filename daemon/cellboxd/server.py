@@ -1,0 +1,209 @@
+"""The cellbox daemon: a pygls server whose handlers decode params and call the owning module."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from lsprotocol import types as lsp
+from pygls.exceptions import JsonRpcException
+from pygls.lsp.server import LanguageServer
+
+from cellbox import __version__, errors, methods
+from cellbox import types as t
+from cellboxd import logs, packages, skills
+from cellboxd.config import ConfigError, Settings, load_settings
+from cellboxd.progress import WorkDone
+from cellboxd.sandboxes import SandboxManager
+from cellboxd.transport import CellboxProtocol, Writer, open_stdio, read_frames
+
+log = logging.getLogger(__name__)
+
+_TEARDOWN_SECONDS = 4.0
+
+
+class CellboxServer(LanguageServer):
+    protocol: CellboxProtocol
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("cellbox", __version__, protocol_cls=CellboxProtocol)
+        self.settings = settings
+        self.sandboxes = SandboxManager(lambda: self.settings, self.protocol.send_notification)
+        self.protocol.on_initialize = self._on_initialize
+
+        async def on_shutdown(*_: Any) -> None:
+            await self.sandboxes.close_all()
+
+        self.feature(lsp.SHUTDOWN)(on_shutdown)
+        self._client_log: logs.ClientLogHandler | None = None
+        handlers: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            methods.CREATE_SANDBOX: self.create_sandbox,
+            methods.LIST_SANDBOXES: self.list_sandboxes,
+            methods.DESTROY_SANDBOX: self.destroy_sandbox,
+            methods.START_KERNEL: self.start_kernel,
+            methods.SHUTDOWN_KERNEL: self.shutdown_kernel,
+            methods.INTERRUPT_KERNEL: self.interrupt_kernel,
+            methods.RESTART_KERNEL: self.restart_kernel,
+            methods.EXECUTE: self.execute,
+            methods.INSTALL_PACKAGE: self.install_package,
+            methods.GET_SKILL_SOURCES: self.get_skill_sources,
+            methods.BUILD_IMAGE: self.no_images,
+            methods.LIST_IMAGES: self.no_images,
+        }
+        for method, handler in handlers.items():
+            self.feature(method)(_wire(method, handler))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _on_initialize(self, params: lsp.InitializeParams, result: lsp.InitializeResult) -> None:
+        try:
+            options = msgspec.convert(params.initialization_options or {}, t.InitializationOptions)
+        except msgspec.ValidationError as exc:
+            raise JsonRpcException(f"Invalid initializationOptions: {exc}", errors.ErrorCode.INVALID_PARAMS) from None
+        overrides = msgspec.structs.asdict(options)
+        if any(v is not None for v in overrides.values()):
+            self.settings = msgspec.structs.replace(
+                self.settings, **{k: v for k, v in overrides.items() if v is not None}
+            )
+        self._client_log = logs.attach_client(self.protocol.send_notification, self.settings.log_level)
+        capabilities = t.CellboxCapabilities(
+            protocol_version=t.PROTOCOL_VERSION,
+            backends=self.sandboxes.backends(),
+            default_backend=self.settings.default_backend,
+        )
+        result.capabilities.experimental = {"cellbox": msgspec.to_builtins(capabilities)}
+        log.info("initialized by %s", params.client_info.name if params.client_info else "a client")
+
+    async def serve_stdio(self) -> int:
+        loop = asyncio.get_running_loop()
+        reader, out_fd = await open_stdio()
+        stop = asyncio.Event()
+        writer = await Writer.open(out_fd, on_lost=stop.set)
+        self.protocol.set_writer(writer)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, stop.set)
+        waits = [
+            asyncio.create_task(read_frames(reader, self.protocol)),
+            asyncio.create_task(self.protocol.exit_requested.wait()),
+            asyncio.create_task(stop.wait()),
+        ]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        await self._teardown()
+        writer.close()
+        return 0 if self.protocol._shutdown else 1
+
+    async def _teardown(self) -> None:
+        """Ends requests in flight and stops every kernel and sandbox, within a bound."""
+        if self._client_log is not None:
+            logging.getLogger().removeHandler(self._client_log)
+        for future in list(self.protocol._request_futures.values()):
+            future.cancel()
+        try:
+            await asyncio.wait_for(self.sandboxes.close_all(), _TEARDOWN_SECONDS)
+        except TimeoutError:
+            log.error("teardown took longer than %s s", _TEARDOWN_SECONDS)
+
+    # -- sandboxes --------------------------------------------------------------------------
+
+    async def create_sandbox(self, params: t.CreateSandboxParams) -> t.CreateSandboxResult:
+        with WorkDone(self.work_done_progress, params.work_done_token, "Creating sandbox") as progress:
+            sandbox = await self.sandboxes.create(params)
+            progress.report(f"sandbox {sandbox.sandbox_id} ready")
+        return t.CreateSandboxResult(
+            sandbox_id=sandbox.sandbox_id,
+            backend=sandbox.info.backend,
+            workspace=str(sandbox.runtime.workspace),
+            image=sandbox.info.image,
+        )
+
+    async def list_sandboxes(self, params: t.ListSandboxesParams) -> t.ListSandboxesResult:
+        return t.ListSandboxesResult(self.sandboxes.list())
+
+    async def destroy_sandbox(self, params: t.DestroySandboxParams) -> None:
+        await self.sandboxes.destroy(params.sandbox_id)
+
+    # -- kernels ----------------------------------------------------------------------------
+
+    async def start_kernel(self, params: t.StartKernelParams) -> t.StartKernelResult:
+        kernel = await self.sandboxes.start_kernel(params)
+        return t.StartKernelResult(kernel.kernel_id, kernel.sandbox_id)
+
+    async def shutdown_kernel(self, params: t.KernelParams) -> None:
+        await self.sandboxes.shutdown_kernel(params.kernel_id)
+
+    async def interrupt_kernel(self, params: t.KernelParams) -> None:
+        await self.sandboxes.kernel(params.kernel_id).interrupt()
+
+    async def restart_kernel(self, params: t.KernelParams) -> None:
+        await self.sandboxes.kernel(params.kernel_id).restart()
+
+    async def execute(self, params: t.ExecuteParams) -> t.ExecuteResult:
+        return await self.sandboxes.kernel(params.kernel_id).execute(params)
+
+    # -- packages, skills, images -----------------------------------------------------------
+
+    async def install_package(self, params: t.InstallPackageParams) -> t.InstallPackageResult:
+        sandbox = self.sandboxes.get(params.sandbox_id)
+        title = f"Installing {' '.join(params.packages)}"
+        with WorkDone(self.work_done_progress, params.work_done_token, title) as progress:
+            async with sandbox.install_lock:
+                installed = await packages.install(
+                    sandbox.runtime,
+                    params.packages,
+                    upgrade=params.upgrade,
+                    installer=self.settings.installer,
+                    on_line=progress.report,
+                )
+        return t.InstallPackageResult(installed)
+
+    async def get_skill_sources(self, params: t.GetSkillSourcesParams) -> t.GetSkillSourcesResult:
+        return await skills.skill_sources(self.sandboxes.get(params.sandbox_id).runtime, params.modules)
+
+    async def no_images(self, params: Any) -> None:
+        raise errors.BackendUnavailable(
+            "images need the docker backend, which this daemon does not have; sandboxes use backend 'local'",
+            {"backend": "docker"},
+        )
+
+
+def _wire(method: str, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+    """Decodes params into the method's msgspec type and maps cellbox errors to JSON-RPC ones."""
+    params_type = methods.REQUESTS[method][0]
+
+    @functools.wraps(handler)
+    async def wired(raw: Any) -> Any:
+        try:
+            params = msgspec.convert({} if raw is None else raw, params_type)
+        except msgspec.ValidationError as exc:
+            raise JsonRpcException(
+                f"Invalid params for {method}: {exc}", errors.ErrorCode.INVALID_PARAMS
+            ) from None
+        try:
+            return await handler(params)
+        except errors.CellboxError as exc:
+            raise JsonRpcException(exc.message, exc.code, exc.data) from None
+
+    return wired
+
+
+def serve(*, log_level: str | None = None, data_dir: str | None = None, default_backend: str | None = None) -> int:
+    """Runs the daemon on stdin/stdout until `exit`, end of input or SIGTERM; the exit code."""
+    try:
+        settings = load_settings(log_level=log_level, data_dir=data_dir, default_backend=default_backend)
+    except ConfigError as exc:
+        print(f"cellbox: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings)
+    server = CellboxServer(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(server.serve_stdio())
+    return 1

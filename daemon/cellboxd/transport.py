@@ -1,0 +1,326 @@
+"""LSP base-protocol framing over stdio, hardened around pygls' JSON-RPC protocol.
+
+pygls' own stdio loop logs and drops what it cannot parse; the contract wants an error answer
+for every malformed message, so the loop here reads frames itself, checks the JSON-RPC
+envelope, answers -32700 / -32600 / -32602 / -32002, and hands good messages to pygls.
+Outgoing messages are encoded with msgspec; notifications skip pygls' attrs machinery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Generator
+from typing import Any, BinaryIO
+
+import msgspec
+from lsprotocol import types as lsp
+from pygls.exceptions import JsonRpcException
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.json_rpc import JsonRPCNotification, JsonRPCRequestMessage
+from pygls.protocol.language_server import lsp_method
+
+from cellbox.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_HEADER_LINE = 8192  # bytes; longer lines are not headers
+_CHUNK = 1 << 20
+_HEADER_NAME = re.compile(rb"[A-Za-z0-9-]+")
+
+_encoder = msgspec.json.Encoder()
+
+
+class _Notification(msgspec.Struct, kw_only=True):
+    jsonrpc: str = "2.0"
+    method: str
+    params: Any
+
+
+class _ErrorBody(msgspec.Struct, omit_defaults=True):
+    code: int
+    message: str
+    data: Any = None
+
+
+class _ErrorResponse(msgspec.Struct, kw_only=True):
+    jsonrpc: str = "2.0"
+    id: int | str | None
+    error: _ErrorBody
+
+
+def frame(body: bytes) -> bytes:
+    return b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+class Writer:
+    """Writes frames to stdout without blocking the event loop where the OS allows it."""
+
+    def __init__(self, transport: asyncio.WriteTransport | None, stream: BinaryIO | None) -> None:
+        self._transport = transport
+        self._stream = stream
+        self.closed = False
+
+    @classmethod
+    async def open(cls, fd: int, on_lost: Callable[[], None]) -> Writer:
+        loop = asyncio.get_running_loop()
+        stream = os.fdopen(fd, "wb", buffering=0)
+
+        class _Protocol(asyncio.BaseProtocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                on_lost()
+
+        try:
+            transport, _ = await loop.connect_write_pipe(_Protocol, stream)
+        except (ValueError, OSError):  # a regular file: plain blocking writes
+            return cls(None, stream)
+        return cls(transport, None)
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            if self._transport is not None:
+                if self._transport.is_closing():
+                    self.closed = True
+                    return
+                self._transport.write(data)
+            elif self._stream is not None:
+                self._stream.write(data)
+        except (BrokenPipeError, ConnectionResetError, ValueError):
+            self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+        elif self._stream is not None:
+            self._stream.close()
+
+
+class CellboxProtocol(LanguageServerProtocol):
+    """pygls' LSP protocol with msgspec encoding and cellbox's lifecycle rules."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initialized = False
+        self.exit_requested = asyncio.Event()
+        self.on_initialize: Callable[[lsp.InitializeParams, lsp.InitializeResult], None] | None = None
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send_data(self, data: Any) -> None:
+        if not data or self.writer is None:
+            return
+        if hasattr(data, "__attrs_attrs__"):
+            data = self._converter.unstructure(data)
+        try:
+            body = _encoder.encode(data)
+        except (TypeError, ValueError):
+            log.exception("cannot encode an outgoing message")
+            return
+        self.writer.write(frame(body))
+
+    def notify(self, method: str, params: Any | None = None) -> None:
+        if hasattr(params, "__attrs_attrs__"):
+            params = self._converter.unstructure(params)
+        self.send_notification(method, params)
+
+    def send_notification(self, method: str, params: Any) -> None:
+        """The fast path: one msgspec encode, one write."""
+        if self.writer is not None:
+            self.writer.write(frame(_encoder.encode(_Notification(method=method, params=params))))
+
+    def send_error(self, msg_id: int | str | None, code: int, message: str, data: Any = None) -> None:
+        if self.writer is not None:
+            body = _encoder.encode(_ErrorResponse(id=msg_id, error=_ErrorBody(code, message, data)))
+            self.writer.write(frame(body))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @lsp_method(lsp.INITIALIZE)
+    def lsp_initialize(self, params: lsp.InitializeParams) -> Generator[Any, Any, lsp.InitializeResult]:
+        result = yield from super().lsp_initialize(params)
+        if self.on_initialize is not None:
+            self.on_initialize(params, result)
+        self.initialized = True
+        return result
+
+    @lsp_method(lsp.EXIT)
+    def lsp_exit(self, *args: Any) -> Generator[Any, Any, None]:
+        """Ends the serve loop (pygls would call sys.exit inside the handler)."""
+        if (user_handler := self.fm.features.get(lsp.EXIT)) is not None:
+            yield user_handler, args, None
+        self.exit_requested.set()
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def receive(self, body: bytes) -> None:
+        """Checks one frame's body as a JSON-RPC message and hands it to pygls."""
+        try:
+            raw = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            self.send_error(None, ErrorCode.PARSE_ERROR, f"Parse error: {exc}")
+            return
+        if not isinstance(raw, dict):
+            kind = "a batch" if isinstance(raw, list) else f"a JSON {type(raw).__name__}"
+            self.send_error(None, ErrorCode.INVALID_REQUEST, f"Invalid request: expected an object, got {kind}")
+            return
+        msg_id = raw.get("id")
+        has_id = "id" in raw
+        if has_id and (isinstance(msg_id, bool) or not isinstance(msg_id, int | str)):
+            self.send_error(None, ErrorCode.INVALID_REQUEST, "Invalid request: `id` must be an integer or a string")
+            return
+        answer_id = msg_id if has_id else None
+        if raw.get("jsonrpc") != "2.0":
+            self.send_error(answer_id, ErrorCode.INVALID_REQUEST, 'Invalid request: `jsonrpc` must be "2.0"')
+            return
+        method = raw.get("method")
+        if "method" in raw and not isinstance(method, str):
+            self.send_error(answer_id, ErrorCode.INVALID_REQUEST, "Invalid request: `method` must be a string")
+            return
+        if method is None:
+            if not has_id or ("result" not in raw and "error" not in raw):
+                self.send_error(None, ErrorCode.INVALID_REQUEST, "Invalid request: no `method`")
+                return
+            self._receive_response(raw)
+            return
+        params = raw.get("params")
+        if params is not None and not isinstance(params, dict | list):
+            if has_id:
+                self.send_error(msg_id, ErrorCode.INVALID_PARAMS, "Invalid params: `params` must be an object")
+            else:
+                log.warning("ignored %s notification: `params` must be an object", method)
+            return
+        if has_id and self._shutdown and method != lsp.EXIT:
+            self.send_error(msg_id, ErrorCode.INVALID_REQUEST, f"{method}: the server is shutting down")
+            return
+        if not self.initialized and method not in (lsp.INITIALIZE, lsp.EXIT):
+            if has_id:
+                self.send_error(
+                    msg_id, ErrorCode.SERVER_NOT_INITIALIZED, f"{method}: send `initialize` first"
+                )
+            else:
+                log.warning("ignored %s notification before initialize", method)
+            return
+        if has_id and method == lsp.INITIALIZE and self.initialized:
+            self.send_error(msg_id, ErrorCode.INVALID_REQUEST, "initialize: the server is already initialized")
+            return
+        if self.get_message_type(method) is None:
+            # cellbox's own methods: params stay plain JSON for msgspec to decode
+            message: Any = (
+                JsonRPCRequestMessage(id=msg_id, method=method, jsonrpc="2.0", params=params)
+                if has_id
+                else JsonRPCNotification(method=method, jsonrpc="2.0", params=params)
+            )
+            self.handle_message(message)
+            return
+        try:
+            message = self.structure_message(raw)
+        except JsonRpcException as exc:
+            cause = exc.__cause__ or exc
+            if has_id:
+                self.send_error(msg_id, ErrorCode.INVALID_PARAMS, f"Invalid params for {method}: {cause}")
+            else:
+                log.warning("ignored %s notification with invalid params: %s", method, cause)
+            return
+        self.handle_message(message)
+
+    def _receive_response(self, raw: dict[str, Any]) -> None:
+        try:
+            self.handle_message(self.structure_message(raw))
+        except JsonRpcException:
+            log.warning("ignored a malformed response to request %r", raw.get("id"))
+
+
+async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -> None:
+    """Reads LSP frames until EOF.
+
+    A run of lines that are not headers is answered with one parse error and skipped, so the
+    loop finds the next good `Content-Length` header and goes on from there.
+    """
+    while True:
+        length: int | None = None
+        garbage = False
+
+        def bad(problem: str) -> None:
+            nonlocal garbage, length
+            if not garbage:
+                protocol.send_error(None, ErrorCode.PARSE_ERROR, f"Parse error: {problem}")
+            garbage, length = True, None
+
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError:
+                return
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+                bad("a header line is too long")
+                continue
+            text = line.strip()
+            if not text:
+                if length is not None:
+                    break
+                continue
+            name, sep, value = text.partition(b":")
+            if not sep or not _HEADER_NAME.fullmatch(name.strip()):
+                bad(f"not a header line: {text[:60]!r}")
+            elif name.strip().lower() == b"content-length":
+                value = value.strip()
+                if value.isdigit() and len(value) < 16:
+                    length, garbage = int(value), False
+                else:
+                    bad(f"bad Content-Length {value[:40]!r}")
+        if length > MAX_MESSAGE_BYTES:
+            protocol.send_error(
+                None, ErrorCode.PARSE_ERROR, f"Parse error: a message of {length} bytes exceeds {MAX_MESSAGE_BYTES}"
+            )
+            remaining = length
+            while remaining:
+                chunk = await reader.read(min(remaining, _CHUNK))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+            continue
+        try:
+            body = await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            return
+        try:
+            protocol.receive(body)
+        except Exception:  # a bug in a handler must not end the loop
+            log.exception("error while handling a message")
+
+
+async def open_stdio() -> tuple[asyncio.StreamReader, int]:
+    """Takes the process' stdin and stdout for the protocol.
+
+    fd 0 and fd 1 are then pointed at /dev/null and stderr, so that nothing else (a library
+    that prints, a child process) can read protocol bytes or write into the stream.
+    Returns the reader and the file descriptor to write frames to.
+    """
+    in_fd = os.dup(sys.stdin.fileno())
+    out_fd = os.dup(sys.stdout.fileno())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(sys.stderr.fileno(), 1)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_HEADER_LINE * 2)
+    stream = os.fdopen(in_fd, "rb", buffering=0)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stream)
+    except (ValueError, OSError):
+        # a regular file on stdin: feed the reader from a thread
+        def pump() -> None:
+            while chunk := stream.read(_CHUNK):
+                loop.call_soon_threadsafe(reader.feed_data, chunk)
+            loop.call_soon_threadsafe(reader.feed_eof)
+
+        loop.run_in_executor(None, pump)
+    return reader, out_fd

@@ -1,0 +1,262 @@
+"""The wire types of the cellbox protocol, version 1.
+
+These msgspec structs are the single source of truth: the daemon decodes params into them
+(a bad field answers -32602 naming its path), the Python client encodes them, and
+`protocol/schema.json` is generated from them for clients in other languages.
+
+Field names are snake_case in Python and camelCase on the wire. Optional fields default to
+`None` (or an empty collection) and are left out of encoded messages; unknown fields are
+ignored, as LSP peers do, so that newer clients can talk to older daemons.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+Backend = Literal["local", "docker"]
+Network = Literal["bridge", "none"]
+Variant = Literal["minimal", "basic", "example"]
+Stream = Literal["stdout", "stderr"]
+KernelState = Literal["starting", "idle", "busy", "restarting", "dead"]
+ExecuteStatus = Literal["ok", "error", "timeout", "cancelled", "died"]
+ProgressToken = int | str
+
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+# A dotted module name as Python's import system accepts it.
+ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+
+
+class Struct(msgspec.Struct, rename="camel", omit_defaults=True):
+    """Base of every wire type: camelCase on the wire, defaults left out when encoding."""
+
+
+# --- lifecycle ---------------------------------------------------------------------------
+
+
+class InitializationOptions(Struct):
+    """`initializationOptions` of LSP `initialize`."""
+
+    default_backend: Backend | None = None
+    data_dir: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+
+
+class CellboxCapabilities(Struct):
+    """`capabilities.experimental.cellbox` of the `initialize` result."""
+
+    protocol_version: int
+    backends: list[Backend]
+    default_backend: Backend
+
+
+# --- sandboxes ---------------------------------------------------------------------------
+
+
+class Mount(Struct):
+    source: NonEmptyStr
+    target: NonEmptyStr
+    read_only: bool = False
+
+
+class Limits(Struct):
+    memory_mb: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    cpus: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    pids: Annotated[int, msgspec.Meta(gt=0)] | None = None
+
+
+class CreateSandboxParams(Struct):
+    backend: Backend | None = None
+    image: NonEmptyStr | None = None
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    mounts: list[Mount] = msgspec.field(default_factory=list)
+    limits: Limits | None = None
+    network: Network | None = None
+    name: str | None = None
+    work_done_token: ProgressToken | None = None
+
+
+class CreateSandboxResult(Struct):
+    sandbox_id: str
+    backend: Backend
+    workspace: str
+    image: str | None = None
+
+
+class ListSandboxesParams(Struct):
+    pass
+
+
+class SandboxInfo(Struct):
+    sandbox_id: str
+    backend: Backend
+    kernels: list[str]
+    created_at: str
+    image: str | None = None
+    name: str | None = None
+
+
+class ListSandboxesResult(Struct):
+    sandboxes: list[SandboxInfo]
+
+
+class DestroySandboxParams(Struct):
+    sandbox_id: NonEmptyStr
+
+
+# --- kernels -----------------------------------------------------------------------------
+
+
+class StartKernelParams(Struct):
+    sandbox_id: NonEmptyStr
+    name: str | None = None
+
+
+class StartKernelResult(Struct):
+    kernel_id: str
+    sandbox_id: str
+
+
+class KernelParams(Struct):
+    """Params of `shutdownKernel`, `interruptKernel` and `restartKernel`."""
+
+    kernel_id: NonEmptyStr
+
+
+class ExecuteParams(Struct):
+    kernel_id: NonEmptyStr
+    code: str
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    execution_id: NonEmptyStr | None = None
+
+
+class ErrorInfo(Struct):
+    ename: str
+    evalue: str
+    traceback: list[str]
+
+
+class Output(Struct):
+    """One `execute_result` or `display_data`; binary MIME types are base64 strings."""
+
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    path: str | None = None
+
+
+class ExecuteResult(Struct):
+    execution_id: str
+    status: ExecuteStatus
+    text: str
+    outputs: list[Output]
+    truncated: bool
+    execution_count: int | None = None
+    error: ErrorInfo | None = None
+
+
+# --- packages and skills -----------------------------------------------------------------
+
+
+class InstallPackageParams(Struct):
+    sandbox_id: NonEmptyStr
+    packages: Annotated[list[NonEmptyStr], msgspec.Meta(min_length=1)]
+    upgrade: bool = False
+    work_done_token: ProgressToken | None = None
+
+
+class InstalledPackage(Struct):
+    name: str
+    version: str
+
+
+class InstallPackageResult(Struct):
+    installed: list[InstalledPackage]
+
+
+class GetSkillSourcesParams(Struct):
+    sandbox_id: NonEmptyStr
+    modules: Annotated[list[ModuleName], msgspec.Meta(min_length=1)]
+
+
+class GetSkillSourcesResult(Struct):
+    sources: dict[str, str]
+    formatted: str
+
+
+# --- images ------------------------------------------------------------------------------
+
+
+class BuildImageParams(Struct):
+    tag: NonEmptyStr | None = None
+    variant: Variant | None = None
+    dependencies: str | None = None
+    base_image: NonEmptyStr | None = None
+    root: bool = False
+    work_done_token: ProgressToken | None = None
+
+
+class BuildImageResult(Struct):
+    tag: str
+    image_id: str
+    built: bool
+
+
+class ListImagesParams(Struct):
+    pass
+
+
+class ImageInfo(Struct):
+    tag: str
+    image_id: str
+    created_at: str
+    variant: Variant | None = None
+
+
+class ListImagesResult(Struct):
+    images: list[ImageInfo]
+
+
+# --- editor features ---------------------------------------------------------------------
+
+
+class BindDocumentParams(Struct):
+    uri: NonEmptyStr
+    kernel_id: str | None = None
+
+
+# --- notifications from the daemon -------------------------------------------------------
+
+
+class OutputNotification(Struct):
+    execution_id: str
+    kernel_id: str
+    stream: Stream
+    text: str
+
+
+class DisplayNotification(Struct):
+    execution_id: str
+    kernel_id: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    path: str | None = None
+
+
+class KernelStatusNotification(Struct):
+    kernel_id: str
+    state: KernelState
+
+
+# --- error data --------------------------------------------------------------------------
+
+
+class ErrorData(Struct):
+    """`error.data` of application errors; which fields are set depends on the code."""
+
+    log: str | None = None
+    module: str | None = None
+    line: str | None = None
+    result: ExecuteResult | None = None

@@ -1,0 +1,43 @@
+"""Shared fixtures: the daemons of a test session keep their state in a temporary folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.rpc import Daemon
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cellbox_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Points the daemon's data, config, cache and log dirs at a fresh temporary folder."""
+    home = tmp_path_factory.mktemp("cellbox-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("data", "cache", "log"):
+            (home / name).mkdir()
+            mp.setenv(f"CELLBOX_{name.upper()}_DIR", str(home / name))
+        mp.setenv("CELLBOX_CONFIG", str(home / "config.toml"))
+        mp.delenv("CELLBOX_DEFAULT_BACKEND", raising=False)
+        yield home
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    with Daemon() as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(cellbox_home: Path) -> Iterator[Daemon]:
+    """One daemon for a module's tests that do not change what the others see."""
+    with Daemon() as d:
+        yield d
+
+
+def new_kernel(d: Daemon, **sandbox: object) -> tuple[str, str]:
+    """A new sandbox with one kernel: (sandboxId, kernelId)."""
+    sandbox_id = d.request("cellbox/createSandbox", sandbox)["sandboxId"]
+    kernel_id = d.request("cellbox/startKernel", {"sandboxId": sandbox_id})["kernelId"]
+    return sandbox_id, kernel_id

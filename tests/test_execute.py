@@ -1,0 +1,272 @@
+"""cellbox/execute and the kernel methods, over the raw wire against a real daemon."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import new_kernel
+from tests.rpc import Daemon
+
+EXECUTE = "cellbox/execute"
+
+
+def run(d: Daemon, kernel_id: str, code: str, **params: object) -> dict:
+    return d.request(EXECUTE, {"kernelId": kernel_id, "code": code, **params})
+
+
+def test_stdout_stderr_stream_in_order_and_result_collects_text(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    code = "import sys\nfor i in range(5):\n    print(i, flush=True)\n    print('e%d' % i, file=sys.stderr, flush=True)\n'done'"
+    result = run(d, kernel, code, executionId="ex-order")
+    assert result["executionId"] == "ex-order"
+    assert result["status"] == "ok"
+    assert result["truncated"] is False
+    streamed = [n for n in d.notes("cellbox/output") if n["executionId"] == "ex-order"]
+    assert all(n["kernelId"] == kernel for n in streamed)
+    pairs = [(n["stream"], n["text"]) for n in streamed]
+    expected = []
+    for i in range(5):
+        expected += [("stdout", f"{i}\n"), ("stderr", f"e{i}\n")]
+    assert pairs == expected
+    assert result["text"] == "".join(text for _, text in expected) + "'done'\n"
+    assert result["outputs"] == [{"data": {"text/plain": "'done'"}, "metadata": {}}]
+    assert isinstance(result["executionCount"], int)
+
+
+def test_state_persists_and_generated_execution_id(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    first = run(d, kernel, "x = 41")
+    second = run(d, kernel, "x + 1")
+    assert first["executionId"] != second["executionId"] and len(first["executionId"]) >= 16
+    assert second["text"] == "42\n"
+    assert second["executionCount"] == first["executionCount"] + 1
+
+
+def test_user_exception_is_a_result_with_plain_traceback(shared_daemon: Daemon) -> None:
+    _, kernel = new_kernel(shared_daemon)
+    result = run(shared_daemon, kernel, "print('before')\ndef f():\n    raise ValueError('bad value')\nf()")
+    assert result["status"] == "error"
+    assert result["text"] == "before\n"
+    error = result["error"]
+    assert (error["ename"], error["evalue"]) == ("ValueError", "bad value")
+    joined = "\n".join(error["traceback"])
+    assert "raise ValueError" in joined and "\x1b[" not in joined
+
+
+def test_rich_outputs_are_displayed_and_images_saved(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    code = (
+        "from IPython.display import display, Image, HTML\n"
+        f"display(Image(data={png!r}))\n"
+        "display(HTML('<b>hi</b>'))\n"
+    )
+    result = run(d, kernel, code, executionId="ex-rich")
+    assert result["status"] == "ok"
+    image, html = result["outputs"]
+    assert base64.b64decode(image["data"]["image/png"]) == png
+    path = Path(image["path"])
+    assert path.parent.name == "images" and path.read_bytes() == png
+    assert html["data"]["text/html"] == "<b>hi</b>" and "path" not in html
+    displays = [n for n in d.notes("cellbox/display") if n["executionId"] == "ex-rich"]
+    assert [n["path"] if "path" in n else None for n in displays] == [str(path), None]
+    assert result["text"] == ""  # display_data's text/plain is not a result
+
+
+def test_matplotlib_figure_becomes_a_png_in_images(shared_daemon: Daemon) -> None:
+    pytest.importorskip("matplotlib")
+    _, kernel = new_kernel(shared_daemon)
+    result = run(
+        shared_daemon, kernel, "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()", timeout=60
+    )
+    assert result["status"] == "ok", result
+    paths = [o["path"] for o in result["outputs"] if "path" in o]
+    assert len(paths) == 1 and Path(paths[0]).read_bytes().startswith(b"\x89PNG")
+
+
+def test_text_cap_truncates_the_result_but_not_the_stream(cellbox_home: Path) -> None:
+    with Daemon(env={"CELLBOX_TEXT_CAP": "100"}) as d:
+        _, kernel = new_kernel(d)
+        result = run(d, kernel, "for i in range(50):\n    print('x' * 9)", executionId="ex-cap")
+        assert result["truncated"] is True
+        assert result["text"] == ("x" * 9 + "\n") * 10
+        streamed = "".join(n["text"] for n in d.notes("cellbox/output") if n["executionId"] == "ex-cap")
+        assert streamed == ("x" * 9 + "\n") * 50
+
+
+def test_timeout_interrupts_and_returns_partial_output_in_time(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    run(d, kernel, "state = 'kept'")
+    started = time.monotonic()
+    result = run(d, kernel, "import time\nprint('partial', flush=True)\ntime.sleep(60)", timeout=1.5)
+    elapsed = time.monotonic() - started
+    assert result["status"] == "timeout"
+    assert result["text"] == "partial\n"
+    assert result["error"]["ename"] == "TimeoutError"
+    assert elapsed < 1.5 + 1.0
+    # interrupted, not restarted: the kernel's state survives
+    assert run(d, kernel, "state")["text"] == "'kept'\n"
+
+
+def test_timeout_restarts_a_kernel_that_ignores_the_interrupt(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    run(d, kernel, "state = 'lost'")
+    code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('stubborn', flush=True)\ntime.sleep(60)"
+    started = time.monotonic()
+    result = run(d, kernel, code, timeout=1)
+    assert time.monotonic() - started < 1 + 1.0
+    assert result["status"] == "timeout"
+    assert result["text"] == "stubborn\n"
+    assert "restarted" in result["error"]["evalue"]
+    # the next execute waits for the restart and runs on a fresh kernel
+    after = run(d, kernel, "'state' in globals()")
+    assert after["status"] == "ok" and after["text"] == "False\n"
+
+
+def test_cancel_request_interrupts_and_keeps_the_partial_result(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    msg_id = d.start(EXECUTE, {"kernelId": kernel, "code": "import time\nprint('went', flush=True)\ntime.sleep(60)"})
+    deadline = time.monotonic() + 30
+    while not any(n["text"] == "went\n" for n in d.notes("cellbox/output")):
+        assert time.monotonic() < deadline
+        d.next_message(timeout=30)
+    started = time.monotonic()
+    d.notify("$/cancelRequest", {"id": msg_id})
+    response = d.response(msg_id, timeout=10)
+    assert time.monotonic() - started < 2
+    error = response["error"]
+    assert error["code"] == -32800
+    partial = error["data"]["result"]
+    assert partial["status"] == "cancelled" and partial["text"] == "went\n"
+    assert run(d, kernel, "1 + 1")["text"] == "2\n"
+
+
+def test_kernel_killed_mid_execution_dies_promptly(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    started = time.monotonic()
+    result = run(d, kernel, "import os, time\nprint('bye', flush=True)\ntime.sleep(0.2)\nos._exit(3)", timeout=60)
+    assert time.monotonic() - started < 5
+    assert result["status"] == "died"
+    assert result["text"] == "bye\n"
+    assert result["error"]["ename"] == "KernelDied"
+    assert {"kernelId": kernel, "state": "dead"} in d.notes("cellbox/kernelStatus")
+    response = d.response(d.start(EXECUTE, {"kernelId": kernel, "code": "1"}))
+    assert response["error"]["code"] == 1007
+    d.request("cellbox/restartKernel", {"kernelId": kernel})
+    assert run(d, kernel, "40 + 2")["text"] == "42\n"
+
+
+def test_executes_on_one_kernel_run_in_arrival_order(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    run(d, kernel, "seen = []")
+    ids = [
+        d.start(EXECUTE, {"kernelId": kernel, "code": f"import time; time.sleep(0.{3 - i}); seen.append({i})"})
+        for i in range(3)
+    ]
+    for msg_id in ids:
+        assert d.response(msg_id)["result"]["status"] == "ok"
+    assert run(d, kernel, "seen")["text"] == "[0, 1, 2]\n"
+
+
+def test_kernels_run_in_parallel(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    sandbox, first = new_kernel(d)
+    second = d.request("cellbox/startKernel", {"sandboxId": sandbox})["kernelId"]
+    started = time.monotonic()
+    ids = [d.start(EXECUTE, {"kernelId": k, "code": "import time; time.sleep(2)"}) for k in (first, second)]
+    for msg_id in ids:
+        assert d.response(msg_id)["result"]["status"] == "ok"
+    assert time.monotonic() - started < 3.5
+
+
+def test_kernels_of_a_sandbox_share_its_workspace(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    sandbox, first = new_kernel(d)
+    second = d.request("cellbox/startKernel", {"sandboxId": sandbox, "name": "second"})["kernelId"]
+    run(d, first, "open('shared.txt', 'w').write('from first')")
+    assert run(d, second, "open('shared.txt').read()")["text"] == "'from first'\n"
+    listed = [s for s in d.request("cellbox/listSandboxes", {})["sandboxes"] if s["sandboxId"] == sandbox]
+    assert sorted(listed[0]["kernels"]) == sorted([first, second])
+
+
+def test_interrupt_restart_and_shutdown_kernel(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    sandbox, kernel = new_kernel(d)
+    msg_id = d.start(EXECUTE, {"kernelId": kernel, "code": "import time; time.sleep(60)"})
+    time.sleep(1)
+    assert d.request("cellbox/interruptKernel", {"kernelId": kernel}) is None
+    interrupted = d.response(msg_id, timeout=10)["result"]
+    assert interrupted["status"] == "error" and interrupted["error"]["ename"] == "KeyboardInterrupt"
+
+    run(d, kernel, "x = 1")
+    assert d.request("cellbox/restartKernel", {"kernelId": kernel}) is None
+    assert "restarting" in [n["state"] for n in d.notes("cellbox/kernelStatus") if n["kernelId"] == kernel]
+    assert run(d, kernel, "'x' in globals()")["text"] == "False\n"
+
+    assert d.request("cellbox/shutdownKernel", {"kernelId": kernel}) is None
+    assert d.response(d.start(EXECUTE, {"kernelId": kernel, "code": "1"}))["error"]["code"] == 1002
+    listed = [s for s in d.request("cellbox/listSandboxes", {})["sandboxes"] if s["sandboxId"] == sandbox]
+    assert listed[0]["kernels"] == []
+
+
+def test_env_reaches_the_kernel_and_skills_are_importable(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    created = d.request("cellbox/createSandbox", {"env": {"API_KEY": "sekret"}, "name": "envy"})
+    workspace = Path(created["workspace"])
+    (workspace / "skills" / "greet.py").write_text("def hello():\n    return 'hello from a skill'\n")
+    kernel = d.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]})["kernelId"]
+    result = run(d, kernel, "import os, greet\nprint(os.environ['API_KEY'], os.getcwd())\ngreet.hello()")
+    assert result["text"] == f"sekret {workspace}\n'hello from a skill'\n"
+
+
+def test_destroy_sandbox_stops_kernels_and_removes_its_folder(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    created = d.request("cellbox/createSandbox", {})
+    kernel = d.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]})["kernelId"]
+    pid = int(run(d, kernel, "import os; os.getpid()")["text"])
+    assert d.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}) is None
+    assert not Path(created["workspace"]).exists()
+    assert _gone(pid, within=5)
+    assert d.response(d.start("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}))["error"]["code"] == 1001
+    assert d.response(d.start(EXECUTE, {"kernelId": kernel, "code": "1"}))["error"]["code"] == 1002
+
+
+def test_outputs_of_parallel_kernels_do_not_mix(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    kernels = [new_kernel(d)[1] for _ in range(3)]
+    ids = {
+        d.start(EXECUTE, {"kernelId": k, "code": f"for i in range(20): print('{k}', i)", "executionId": f"mix-{k}"}): k
+        for k in kernels
+    }
+    for msg_id, k in ids.items():
+        result = d.response(msg_id)["result"]
+        assert result["text"] == "".join(f"{k} {i}\n" for i in range(20))
+        streamed = "".join(n["text"] for n in d.notes("cellbox/output") if n["executionId"] == f"mix-{k}")
+        assert streamed == result["text"]
+
+
+def _gone(pid: int, within: float) -> bool:
+    import os
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
