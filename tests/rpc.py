@@ -5,6 +5,7 @@ It knows nothing of cellbox's client, so tests with it check the wire itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -114,11 +115,10 @@ class Daemon:
 
     def close(self) -> int:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(AssertionError, OSError, EOFError, queue.Empty):
                 self.request("shutdown", timeout=30)
+            with contextlib.suppress(OSError):
                 self.notify("exit")
-            except (AssertionError, BrokenPipeError, EOFError, queue.Empty):
-                pass
         try:
             return self.proc.wait(timeout=15)
         finally:

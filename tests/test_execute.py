@@ -21,7 +21,13 @@ def run(d: Daemon, kernel_id: str, code: str, **params: object) -> dict:
 def test_stdout_stderr_stream_in_order_and_result_collects_text(shared_daemon: Daemon) -> None:
     d = shared_daemon
     _, kernel = new_kernel(d)
-    code = "import sys\nfor i in range(5):\n    print(i, flush=True)\n    print('e%d' % i, file=sys.stderr, flush=True)\n'done'"
+    code = (
+        "import sys\n"
+        "for i in range(5):\n"
+        "    print(i, flush=True)\n"
+        "    print('e%d' % i, file=sys.stderr, flush=True)\n"
+        "'done'"
+    )
     result = run(d, kernel, code, executionId="ex-order")
     assert result["executionId"] == "ex-order"
     assert result["status"] == "ok"
@@ -78,7 +84,7 @@ def test_rich_outputs_are_displayed_and_images_saved(shared_daemon: Daemon) -> N
     assert path.parent.name == "images" and path.read_bytes() == png
     assert html["data"]["text/html"] == "<b>hi</b>" and "path" not in html
     displays = [n for n in d.notes("cellbox/display") if n["executionId"] == "ex-rich"]
-    assert [n["path"] if "path" in n else None for n in displays] == [str(path), None]
+    assert [n.get("path") for n in displays] == [str(path), None]
     assert result["text"] == ""  # display_data's text/plain is not a result
 
 
@@ -122,7 +128,12 @@ def test_timeout_restarts_a_kernel_that_ignores_the_interrupt(shared_daemon: Dae
     d = shared_daemon
     _, kernel = new_kernel(d)
     run(d, kernel, "state = 'lost'")
-    code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('stubborn', flush=True)\ntime.sleep(60)"
+    code = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "print('stubborn', flush=True)\n"
+        "time.sleep(60)"
+    )
     started = time.monotonic()
     result = run(d, kernel, code, timeout=1)
     assert time.monotonic() - started < 1 + 1.0
@@ -137,7 +148,9 @@ def test_timeout_restarts_a_kernel_that_ignores_the_interrupt(shared_daemon: Dae
 def test_cancel_request_interrupts_and_keeps_the_partial_result(shared_daemon: Daemon) -> None:
     d = shared_daemon
     _, kernel = new_kernel(d)
-    msg_id = d.start(EXECUTE, {"kernelId": kernel, "code": "import time\nprint('went', flush=True)\ntime.sleep(60)"})
+    msg_id = d.start(
+        EXECUTE, {"kernelId": kernel, "code": "import time\nprint('went', flush=True)\ntime.sleep(60)"}
+    )
     deadline = time.monotonic() + 30
     while not any(n["text"] == "went\n" for n in d.notes("cellbox/output")):
         assert time.monotonic() < deadline
@@ -157,12 +170,15 @@ def test_kernel_killed_mid_execution_dies_promptly(shared_daemon: Daemon) -> Non
     d = shared_daemon
     _, kernel = new_kernel(d)
     started = time.monotonic()
-    result = run(d, kernel, "import os, time\nprint('bye', flush=True)\ntime.sleep(0.2)\nos._exit(3)", timeout=60)
+    result = run(
+        d, kernel, "import os, time\nprint('bye', flush=True)\ntime.sleep(0.2)\nos._exit(3)", timeout=60
+    )
     assert time.monotonic() - started < 5
     assert result["status"] == "died"
     assert result["text"] == "bye\n"
     assert result["error"]["ename"] == "KernelDied"
-    assert {"kernelId": kernel, "state": "dead"} in d.notes("cellbox/kernelStatus")
+    states = [n["state"] for n in d.notes("cellbox/kernelStatus") if n["kernelId"] == kernel]
+    assert states[:2] == ["starting", "idle"] and states[-1] == "dead"
     response = d.response(d.start(EXECUTE, {"kernelId": kernel, "code": "1"}))
     assert response["error"]["code"] == 1007
     d.request("cellbox/restartKernel", {"kernelId": kernel})
@@ -174,7 +190,9 @@ def test_executes_on_one_kernel_run_in_arrival_order(shared_daemon: Daemon) -> N
     _, kernel = new_kernel(d)
     run(d, kernel, "seen = []")
     ids = [
-        d.start(EXECUTE, {"kernelId": kernel, "code": f"import time; time.sleep(0.{3 - i}); seen.append({i})"})
+        d.start(
+            EXECUTE, {"kernelId": kernel, "code": f"import time; time.sleep(0.{3 - i}); seen.append({i})"}
+        )
         for i in range(3)
     ]
     for msg_id in ids:
@@ -241,7 +259,10 @@ def test_destroy_sandbox_stops_kernels_and_removes_its_folder(shared_daemon: Dae
     assert d.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}) is None
     assert not Path(created["workspace"]).exists()
     assert _gone(pid, within=5)
-    assert d.response(d.start("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}))["error"]["code"] == 1001
+    assert (
+        d.response(d.start("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}))["error"]["code"]
+        == 1001
+    )
     assert d.response(d.start(EXECUTE, {"kernelId": kernel, "code": "1"}))["error"]["code"] == 1002
 
 
@@ -249,7 +270,10 @@ def test_outputs_of_parallel_kernels_do_not_mix(shared_daemon: Daemon) -> None:
     d = shared_daemon
     kernels = [new_kernel(d)[1] for _ in range(3)]
     ids = {
-        d.start(EXECUTE, {"kernelId": k, "code": f"for i in range(20): print('{k}', i)", "executionId": f"mix-{k}"}): k
+        d.start(
+            EXECUTE,
+            {"kernelId": k, "code": f"for i in range(20): print('{k}', i)", "executionId": f"mix-{k}"},
+        ): k
         for k in kernels
     }
     for msg_id, k in ids.items():

@@ -8,6 +8,8 @@ environment variables, the command line, and `initializationOptions` of `initial
 from __future__ import annotations
 
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +29,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: str = ""
     cache_dir: str = ""
     log_dir: str = ""
+    # kernels' IPC sockets; short, as a socket path must stay under 108 bytes
+    runtime_dir: str = ""
     # characters of an ExecuteResult's `text`; streamed notifications are never capped
     text_cap: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000
     # seconds a kernel may take to go idle after an interrupt before it is restarted
@@ -45,6 +49,25 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Path(self.cache_dir or platformdirs.user_cache_dir(APP))
 
     @property
+    def runtime_path(self) -> Path:
+        """A private folder for sockets: the platformdirs runtime dir, else one in the temp dir."""
+        candidates = [self.runtime_dir] if self.runtime_dir else []
+        with warnings.catch_warnings(action="ignore"):  # no XDG_RUNTIME_DIR: platformdirs warns
+            candidates.append(platformdirs.user_runtime_dir(APP))
+        candidates.append(os.path.join(tempfile.gettempdir(), f"{APP}-{os.getuid()}"))
+        for candidate in candidates:
+            path = Path(candidate)
+            if len(str(path)) > 64:
+                continue
+            try:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                path.chmod(0o700)
+            except OSError:
+                continue
+            return path
+        raise ConfigError(f"no usable folder for kernel sockets among {candidates}; set runtime_dir")
+
+    @property
     def log_path(self) -> Path:
         return Path(self.log_dir or platformdirs.user_log_dir(APP))
 
@@ -59,6 +82,7 @@ _ENV = {
     "CELLBOX_DATA_DIR": "data_dir",
     "CELLBOX_CACHE_DIR": "cache_dir",
     "CELLBOX_LOG_DIR": "log_dir",
+    "CELLBOX_RUNTIME_DIR": "runtime_dir",
     "CELLBOX_TEXT_CAP": "text_cap",
     "CELLBOX_INTERRUPT_GRACE": "interrupt_grace",
     "CELLBOX_KERNEL_START_TIMEOUT": "kernel_start_timeout",
@@ -84,7 +108,7 @@ def load_settings(**overrides: Any) -> Settings:
             values[field] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        # str_values: numbers given as environment strings are accepted
+        # strict=False: numbers given as environment strings are accepted
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid setting: {exc} (config file {path}, or a CELLBOX_* variable)") from exc

@@ -70,7 +70,7 @@ class Execution:
     def on_iopub(self, msg_type: str, content: dict[str, Any]) -> None:
         if msg_type == "stream":
             text = content.get("text", "")
-            stream = "stderr" if content.get("name") == "stderr" else "stdout"
+            stream: t.Stream = "stderr" if content.get("name") == "stderr" else "stdout"
             self._notify(
                 methods.OUTPUT, t.OutputNotification(self.execution_id, self.kernel_id, stream, text)
             )
@@ -150,7 +150,9 @@ class Execution:
 
     # -- the result -------------------------------------------------------------------------
 
-    def result(self, status: t.ExecuteStatus | None = None, error: t.ErrorInfo | None = None) -> t.ExecuteResult:
+    def result(
+        self, status: t.ExecuteStatus | None = None, error: t.ErrorInfo | None = None
+    ) -> t.ExecuteResult:
         """The ExecuteResult; `status` and `error` override what the kernel said."""
         if status is None:
             status = "ok" if self.reply_status == "ok" and self.error is None else "error"

@@ -20,6 +20,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from cellbox import errors, methods
 from cellbox import types as t
+from cellboxd.backends.base import KernelLaunch
 from cellboxd.execution import Execution, Notify
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ class Kernel:
         *,
         kernel_id: str,
         sandbox_id: str,
-        manager: AsyncKernelManager,
-        launch_kwargs: dict[str, Any],
+        launch: KernelLaunch,
         images_dir: Path,
         text_cap: int,
         interrupt_grace: float,
@@ -47,8 +47,9 @@ class Kernel:
         self.sandbox_id = sandbox_id
         self.name = name
         self.state: t.KernelState = "starting"
-        self._km = manager
-        self._launch_kwargs = launch_kwargs
+        self._km: AsyncKernelManager = launch.manager
+        self._launch_kwargs = launch.kwargs
+        self._log_path = launch.log_path
         self._kc: AsyncKernelClient | None = None
         self._images_dir = images_dir
         self._text_cap = text_cap
@@ -68,7 +69,7 @@ class Kernel:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._set_state("starting")
+        self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, "starting"))
         await self._km.start_kernel(**self._launch_kwargs)
         await self._connect()
 
@@ -79,7 +80,10 @@ class Kernel:
             await kc.wait_for_ready(timeout=self._start_timeout)
         except (RuntimeError, TimeoutError) as exc:
             kc.stop_channels()
-            raise errors.KernelDied(f"kernel {self.kernel_id} did not start: {exc}") from exc
+            raise errors.KernelDied(
+                f"kernel {self.kernel_id} did not start: {exc}; its output:\n{self._log_tail()}",
+                {"kernelId": self.kernel_id},
+            ) from exc
         self._kc = kc
         self.exit_code = None
         self._tasks = [
@@ -206,8 +210,9 @@ class Kernel:
         return execution.result(status, t.ErrorInfo(name, evalue, traceback))
 
     def _death_error(self) -> t.ErrorInfo:
-        code = "" if self.exit_code is None else f" (exit code {self.exit_code})"
-        return t.ErrorInfo("KernelDied", f"the kernel process ended{code}; restart it to go on", [])
+        return t.ErrorInfo(
+            "KernelDied", f"the kernel process ended{self._exit_text()}; restart it to go on", []
+        )
 
     def _end_current(self) -> None:
         if self._current is not None:
@@ -215,15 +220,24 @@ class Kernel:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise errors.KernelNotFound(f"kernel {self.kernel_id} was shut down", {"kernelId": self.kernel_id})
+            raise errors.KernelNotFound(
+                f"kernel {self.kernel_id} was shut down", {"kernelId": self.kernel_id}
+            )
 
     def _check_usable(self) -> None:
         self._check_open()
         if self.state == "dead" or self._kc is None:
             raise errors.KernelDied(
-                f"kernel {self.kernel_id} is dead{self._exit_text()}; restart it with {methods.RESTART_KERNEL}",
+                f"kernel {self.kernel_id} is dead{self._exit_text()}; "
+                f"restart it with {methods.RESTART_KERNEL}",
                 {"kernelId": self.kernel_id},
             )
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def _exit_text(self) -> str:
         return "" if self.exit_code is None else f" (exit code {self.exit_code})"

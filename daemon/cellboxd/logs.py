@@ -42,12 +42,25 @@ class ClientLogHandler(logging.Handler):
             return
         self._sending = True
         try:
-            kind = _LSP_TYPE.get(record.levelno, lsp.MessageType.Error if record.levelno > 40 else lsp.MessageType.Log)
+            kind = _LSP_TYPE.get(
+                record.levelno, lsp.MessageType.Error if record.levelno > 40 else lsp.MessageType.Log
+            )
             self._send("window/logMessage", {"type": int(kind), "message": self.format(record)})
         except Exception:
             self.handleError(record)
         finally:
             self._sending = False
+
+
+_stderr = logging.StreamHandler(sys.stderr)
+
+
+def set_level(name: str) -> None:
+    """The level of stderr (the log file always keeps INFO and above)."""
+    level = getattr(logging, name.upper())
+    _stderr.setLevel(level)
+    for lib in ("pygls", "asyncio", "traitlets"):  # their chatter only when debugging
+        logging.getLogger(lib).setLevel(logging.WARNING if level > logging.DEBUG else logging.DEBUG)
 
 
 def setup(settings: Settings) -> None:
@@ -56,10 +69,9 @@ def setup(settings: Settings) -> None:
     root.setLevel(logging.DEBUG)
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setLevel(level)
-    stderr.setFormatter(logging.Formatter(_FORMAT))
-    root.addHandler(stderr)
+    set_level(settings.log_level)
+    _stderr.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(_stderr)
     try:
         settings.log_path.mkdir(parents=True, exist_ok=True)
         file = logging.handlers.RotatingFileHandler(
@@ -73,9 +85,6 @@ def setup(settings: Settings) -> None:
         root.addHandler(file)
     for handler in root.handlers:
         handler.addFilter(_ExpectedErrors())
-    # third-party chatter stays out unless asked for
-    for name in ("pygls", "asyncio", "traitlets"):
-        logging.getLogger(name).setLevel(logging.WARNING if level > logging.DEBUG else logging.DEBUG)
 
 
 def attach_client(send: Any, level: str) -> ClientLogHandler:

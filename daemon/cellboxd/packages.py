@@ -15,7 +15,9 @@ from cellbox import types as t
 from cellboxd.backends.base import OnLine, SandboxRuntime
 
 
-def installer_command(runtime: SandboxRuntime, installer: str, packages: list[str], upgrade: bool) -> list[str]:
+def installer_command(
+    runtime: SandboxRuntime, installer: str, packages: list[str], upgrade: bool
+) -> list[str]:
     uv = shutil.which("uv") if installer in ("auto", "uv") else None
     if installer == "uv" and uv is None:
         raise errors.InstallFailed("installer 'uv' is configured but not on PATH", {"log": ""})

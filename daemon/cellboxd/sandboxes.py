@@ -79,7 +79,8 @@ class SandboxManager:
         root.mkdir(parents=True)
         (root / _OWNER_FILE).write_text(str(os.getpid()))
         try:
-            runtime = await asyncio.to_thread(LocalSandbox.create, root, params.env)
+            sockets = self._settings().runtime_path
+            runtime = await asyncio.to_thread(LocalSandbox.create, root, params.env, sockets)
         except Exception:
             shutil.rmtree(root, ignore_errors=True)
             raise
@@ -99,9 +100,7 @@ class SandboxManager:
         try:
             return self._sandboxes[sandbox_id]
         except KeyError:
-            raise errors.SandboxNotFound(
-                f"no sandbox {sandbox_id!r}", {"sandboxId": sandbox_id}
-            ) from None
+            raise errors.SandboxNotFound(f"no sandbox {sandbox_id!r}", {"sandboxId": sandbox_id}) from None
 
     def list(self) -> list[t.SandboxInfo]:
         return [sandbox.describe() for sandbox in self._sandboxes.values()]
@@ -139,12 +138,10 @@ class SandboxManager:
         sandbox = self.get(params.sandbox_id)
         settings = self._settings()
         kernel_id = "k-" + secrets.token_hex(6)
-        manager, launch_kwargs = sandbox.runtime.kernel_manager(kernel_id)
         kernel = Kernel(
             kernel_id=kernel_id,
             sandbox_id=sandbox.sandbox_id,
-            manager=manager,
-            launch_kwargs=launch_kwargs,
+            launch=sandbox.runtime.kernel_launch(kernel_id),
             images_dir=sandbox.runtime.workspace / "images",
             text_cap=settings.text_cap,
             interrupt_grace=settings.interrupt_grace,

@@ -66,12 +66,16 @@ class CellboxServer(LanguageServer):
         try:
             options = msgspec.convert(params.initialization_options or {}, t.InitializationOptions)
         except msgspec.ValidationError as exc:
-            raise JsonRpcException(f"Invalid initializationOptions: {exc}", errors.ErrorCode.INVALID_PARAMS) from None
+            raise JsonRpcException(
+                f"Invalid initializationOptions: {exc}", errors.ErrorCode.INVALID_PARAMS
+            ) from None
         overrides = msgspec.structs.asdict(options)
         if any(v is not None for v in overrides.values()):
             self.settings = msgspec.structs.replace(
                 self.settings, **{k: v for k, v in overrides.items() if v is not None}
             )
+        if options.log_level is not None:
+            logs.set_level(options.log_level)
         self._client_log = logs.attach_client(self.protocol.send_notification, self.settings.log_level)
         capabilities = t.CellboxCapabilities(
             protocol_version=t.PROTOCOL_VERSION,
@@ -195,7 +199,9 @@ def _wire(method: str, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[An
     return wired
 
 
-def serve(*, log_level: str | None = None, data_dir: str | None = None, default_backend: str | None = None) -> int:
+def serve(
+    *, log_level: str | None = None, data_dir: str | None = None, default_backend: str | None = None
+) -> int:
     """Runs the daemon on stdin/stdout until `exit`, end of input or SIGTERM; the exit code."""
     try:
         settings = load_settings(log_level=log_level, data_dir=data_dir, default_backend=default_backend)

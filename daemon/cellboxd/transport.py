@@ -168,12 +168,16 @@ class CellboxProtocol(LanguageServerProtocol):
             return
         if not isinstance(raw, dict):
             kind = "a batch" if isinstance(raw, list) else f"a JSON {type(raw).__name__}"
-            self.send_error(None, ErrorCode.INVALID_REQUEST, f"Invalid request: expected an object, got {kind}")
+            self.send_error(
+                None, ErrorCode.INVALID_REQUEST, f"Invalid request: expected an object, got {kind}"
+            )
             return
         msg_id = raw.get("id")
         has_id = "id" in raw
         if has_id and (isinstance(msg_id, bool) or not isinstance(msg_id, int | str)):
-            self.send_error(None, ErrorCode.INVALID_REQUEST, "Invalid request: `id` must be an integer or a string")
+            self.send_error(
+                None, ErrorCode.INVALID_REQUEST, "Invalid request: `id` must be an integer or a string"
+            )
             return
         answer_id = msg_id if has_id else None
         if raw.get("jsonrpc") != "2.0":
@@ -181,18 +185,22 @@ class CellboxProtocol(LanguageServerProtocol):
             return
         method = raw.get("method")
         if "method" in raw and not isinstance(method, str):
-            self.send_error(answer_id, ErrorCode.INVALID_REQUEST, "Invalid request: `method` must be a string")
+            self.send_error(
+                answer_id, ErrorCode.INVALID_REQUEST, "Invalid request: `method` must be a string"
+            )
             return
         if method is None:
             if not has_id or ("result" not in raw and "error" not in raw):
-                self.send_error(None, ErrorCode.INVALID_REQUEST, "Invalid request: no `method`")
+                self.send_error(answer_id, ErrorCode.INVALID_REQUEST, "Invalid request: no `method`")
                 return
             self._receive_response(raw)
             return
         params = raw.get("params")
         if params is not None and not isinstance(params, dict | list):
             if has_id:
-                self.send_error(msg_id, ErrorCode.INVALID_PARAMS, "Invalid params: `params` must be an object")
+                self.send_error(
+                    msg_id, ErrorCode.INVALID_PARAMS, "Invalid params: `params` must be an object"
+                )
             else:
                 log.warning("ignored %s notification: `params` must be an object", method)
             return
@@ -208,13 +216,15 @@ class CellboxProtocol(LanguageServerProtocol):
                 log.warning("ignored %s notification before initialize", method)
             return
         if has_id and method == lsp.INITIALIZE and self.initialized:
-            self.send_error(msg_id, ErrorCode.INVALID_REQUEST, "initialize: the server is already initialized")
+            self.send_error(
+                msg_id, ErrorCode.INVALID_REQUEST, "initialize: the server is already initialized"
+            )
             return
         if self.get_message_type(method) is None:
             # cellbox's own methods: params stay plain JSON for msgspec to decode
             message: Any = (
                 JsonRPCRequestMessage(id=msg_id, method=method, jsonrpc="2.0", params=params)
-                if has_id
+                if msg_id is not None
                 else JsonRPCNotification(method=method, jsonrpc="2.0", params=params)
             )
             self.handle_message(message)
@@ -278,7 +288,9 @@ async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -
                     bad(f"bad Content-Length {value[:40]!r}")
         if length > MAX_MESSAGE_BYTES:
             protocol.send_error(
-                None, ErrorCode.PARSE_ERROR, f"Parse error: a message of {length} bytes exceeds {MAX_MESSAGE_BYTES}"
+                None,
+                ErrorCode.PARSE_ERROR,
+                f"Parse error: a message of {length} bytes exceeds {MAX_MESSAGE_BYTES}",
             )
             remaining = length
             while remaining:

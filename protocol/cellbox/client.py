@@ -108,9 +108,10 @@ _encoder = msgspec.json.Encoder()
 
 def default_command() -> list[str]:
     """`cellbox serve` when `cellbox` is on PATH, else the daemon module of this interpreter."""
+    # warnings and errors only on stderr: scripts stay quiet; the daemon's log file has the rest
     if shutil.which("cellbox"):
-        return ["cellbox", "serve"]
-    return [sys.executable, "-m", "cellboxd", "serve"]
+        return ["cellbox", "serve", "--log-level", "warning"]
+    return [sys.executable, "-m", "cellboxd", "serve", "--log-level", "warning"]
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
@@ -611,8 +612,8 @@ class AsyncExecution:
     """A running execution: an async iterator of its outputs and displays, in order.
 
     Its events are buffered from the start, so iterating late loses nothing. `await result()`
-    gives the ExecuteResult (awaiting it from a task that gets cancelled cancels the execution);
-    `await cancel()` cancels the execution and gives its partial result, status "cancelled".
+    gives the ExecuteResult; `await cancel()` cancels the execution (the kernel is interrupted)
+    and gives its partial result, status "cancelled".
     """
 
     def __init__(self, client: AsyncClient, params: t.ExecuteParams) -> None:
@@ -659,7 +660,8 @@ class AsyncExecution:
         raise StopAsyncIteration
 
     async def result(self) -> t.ExecuteResult:
-        return await self._task
+        """The result, once the daemon sends it; cancelling this wait does not cancel the execution."""
+        return await asyncio.shield(self._task)
 
     async def cancel(self) -> t.ExecuteResult:
         """Send `$/cancelRequest`: the kernel is interrupted and the partial result returned."""
@@ -681,6 +683,9 @@ class _Portal:
         self._thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("the sync cellbox API cannot be called from its own callbacks")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()
@@ -725,11 +730,12 @@ class Client:
     def start(self) -> Self:
         if self._portal is not None:
             raise RuntimeError("the client has already been started")
-        self._portal = _Portal()
+        self._portal = portal = _Portal()
         try:
-            self._portal.call(self._async.start())
+            portal.call(self._async.start())
         except BaseException:
-            self._portal.close()
+            self._portal = None
+            portal.close()
             raise
         return self
 

@@ -18,6 +18,14 @@ class RunResult(msgspec.Struct):
     stderr: str
 
 
+class KernelLaunch(msgspec.Struct):
+    """How to start one kernel: its manager, the arguments for `start_kernel`, its output log."""
+
+    manager: AsyncKernelManager
+    kwargs: dict[str, Any]
+    log_path: Path
+
+
 class SandboxRuntime(Protocol):
     """A sandbox as a backend made it."""
 
@@ -36,8 +44,8 @@ class SandboxRuntime(Protocol):
         """The sandbox's interpreter."""
         ...
 
-    def kernel_manager(self, kernel_id: str) -> tuple[AsyncKernelManager, dict[str, Any]]:
-        """A manager for a new kernel, and the keyword arguments to start it with."""
+    def kernel_launch(self, kernel_id: str) -> KernelLaunch:
+        """How to start a new kernel in this sandbox."""
         ...
 
     async def run(self, argv: list[str], on_line: OnLine | None = None) -> RunResult:

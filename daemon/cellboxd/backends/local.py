@@ -13,18 +13,18 @@ import asyncio
 import contextlib
 import os
 import shutil
-import site
 import signal
+import site
 import sys
 import sysconfig
 import venv
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
-from cellboxd.backends.base import OnLine, RunResult
+from cellboxd.backends.base import KernelLaunch, OnLine, RunResult
 
 _LINE_LIMIT = 1 << 20  # bytes of one output line passed to `on_line`
 _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
@@ -37,11 +37,13 @@ def _daemon_site_dirs() -> list[str]:
 
 
 class LocalSandbox:
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], sockets: Path) -> None:
         self.root = root
         self._user_env = env
+        self._sockets = sockets
         self._venv = root / "venv"
         self._procs: set[asyncio.subprocess.Process] = set()
+        self._logs: list[BinaryIO] = []
 
     @property
     def workspace(self) -> Path:
@@ -57,8 +59,8 @@ class LocalSandbox:
         return self._venv / "lib" / version / "site-packages"
 
     @classmethod
-    def create(cls, root: Path, env: dict[str, str]) -> LocalSandbox:
-        sandbox = cls(root, env)
+    def create(cls, root: Path, env: dict[str, str], sockets: Path) -> LocalSandbox:
+        sandbox = cls(root, env, sockets)
         for sub in ("skills", "images"):
             (sandbox.workspace / sub).mkdir(parents=True, exist_ok=True)
         (root / "kernels").mkdir(exist_ok=True)
@@ -81,9 +83,13 @@ class LocalSandbox:
         env["PATH"] = f"{self._venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
         return env
 
-    def kernel_manager(self, kernel_id: str) -> tuple[AsyncKernelManager, dict[str, Any]]:
+    def kernel_launch(self, kernel_id: str) -> KernelLaunch:
+        # IPC sockets in a private folder: no TCP ports, and no other user can connect
         km = AsyncKernelManager(
-            kernel_name="cellbox", connection_file=str(self.root / "kernels" / f"{kernel_id}.json")
+            kernel_name="cellbox",
+            transport="ipc",
+            ip=str(self._sockets / kernel_id),
+            connection_file=str(self.root / "kernels" / f"{kernel_id}.json"),
         )
         km._kernel_spec = KernelSpec(
             argv=[self.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -91,7 +97,11 @@ class LocalSandbox:
             language="python",
             interrupt_mode="signal",
         )
-        return km, {"env": self.environment(), "cwd": str(self.workspace)}
+        log_path = self.root / "kernels" / f"{kernel_id}.log"
+        log = log_path.open("ab")
+        self._logs.append(log)
+        kwargs = {"env": self.environment(), "cwd": str(self.workspace), "stdout": log, "stderr": log}
+        return KernelLaunch(km, kwargs, log_path)
 
     async def run(self, argv: list[str], on_line: OnLine | None = None) -> RunResult:
         proc = await asyncio.create_subprocess_exec(
@@ -119,6 +129,8 @@ class LocalSandbox:
     async def close(self) -> None:
         for proc in list(self._procs):
             _kill(proc)
+        for log in self._logs:
+            log.close()
         await asyncio.to_thread(shutil.rmtree, self.root, ignore_errors=True)
 
 
