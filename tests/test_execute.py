@@ -294,3 +294,17 @@ def _gone(pid: int, within: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_restart_during_an_execution_ends_it_as_died(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    msg_id = d.start(
+        EXECUTE, {"kernelId": kernel, "code": "import time; print('running', flush=True); time.sleep(60)"}
+    )
+    time.sleep(1)
+    assert d.request("cellbox/restartKernel", {"kernelId": kernel}) is None
+    result = d.response(msg_id, timeout=10)["result"]
+    assert result["status"] == "died" and result["text"] == "running\n"
+    assert result["error"]["evalue"] == "the kernel was restarted"
+    assert run(d, kernel, "1 + 1")["text"] == "2\n"

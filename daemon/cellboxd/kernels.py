@@ -184,7 +184,7 @@ class Kernel:
             except asyncio.CancelledError:
                 result = await asyncio.shield(self._stop(execution, "cancelled", "was cancelled"))
                 raise errors.RequestCancelled("execution cancelled", {"result": _builtins(result)}) from None
-            if self.exit_code is not None or self.state == "dead":
+            if execution.reply_status is None:  # ended without a reply: the kernel went away
                 return execution.result("died", self._death_error())
             return execution.result()
         finally:
@@ -197,7 +197,7 @@ class Kernel:
                 await self._km.interrupt_kernel()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(execution.finished), self._grace)
-        if self.exit_code is not None or self.state == "dead":
+        if execution.finished.done() and execution.reply_status is None:
             return execution.result("died", self._death_error())
         evalue = f"the execution {what}; the kernel was interrupted"
         if not execution.finished.done():
@@ -210,9 +210,13 @@ class Kernel:
         return execution.result(status, t.ErrorInfo(name, evalue, traceback))
 
     def _death_error(self) -> t.ErrorInfo:
-        return t.ErrorInfo(
-            "KernelDied", f"the kernel process ended{self._exit_text()}; restart it to go on", []
-        )
+        if self.closed:
+            why = "the kernel was shut down"
+        elif self._restarting:
+            why = "the kernel was restarted"
+        else:
+            why = f"the kernel process ended{self._exit_text()}; restart it to go on"
+        return t.ErrorInfo("KernelDied", why, [])
 
     def _end_current(self) -> None:
         if self._current is not None:
