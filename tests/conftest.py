@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,3 +42,17 @@ def new_kernel(d: Daemon, **sandbox: object) -> tuple[str, str]:
     sandbox_id = d.request("cellbox/createSandbox", sandbox)["sandboxId"]
     kernel_id = d.request("cellbox/startKernel", {"sandboxId": sandbox_id})["kernelId"]
     return sandbox_id, kernel_id
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """Skips a test when no Docker engine answers; with CELLBOX_REQUIRE_DOCKER=1 that fails it."""
+    import docker
+
+    try:
+        docker.from_env(timeout=5).ping()
+    except Exception as exc:
+        reason = f"no Docker engine reachable ({exc}); run ../shared/docker/provision and export its lines"
+        if os.environ.get("CELLBOX_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"CELLBOX_REQUIRE_DOCKER=1 but {reason}")
+        pytest.skip(reason)

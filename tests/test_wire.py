@@ -12,13 +12,40 @@ from hypothesis import strategies as st
 from tests.conftest import new_kernel
 from tests.rpc import Daemon
 
+NO_ENGINE = "unix:///nonexistent/docker.sock"
+
+
+def engine_reachable() -> bool:
+    import docker
+
+    try:
+        return bool(docker.from_env(timeout=2).ping())
+    except Exception:
+        return False
+
 
 def test_initialize_advertises_cellbox(daemon: Daemon) -> None:
     result = daemon.init_result
     assert result["serverInfo"]["name"] == "cellbox"
     assert result["serverInfo"]["version"]
     cellbox = result["capabilities"]["experimental"]["cellbox"]
-    assert cellbox == {"protocolVersion": 1, "backends": ["local"], "defaultBackend": "local"}
+    backends = ["local", "docker"] if engine_reachable() else ["local"]
+    assert cellbox == {"protocolVersion": 1, "backends": backends, "defaultBackend": "local"}
+
+
+def test_no_engine_means_no_docker_backend_and_a_clear_error() -> None:
+    with Daemon(env={"DOCKER_HOST": NO_ENGINE}) as d:
+        assert d.init_result["capabilities"]["experimental"]["cellbox"]["backends"] == ["local"]
+        for method, params in (
+            ("cellbox/createSandbox", {"backend": "docker"}),
+            ("cellbox/buildImage", {"variant": "minimal"}),
+            ("cellbox/listImages", {}),
+        ):
+            error = d.response(d.start(method, params))["error"]
+            assert error["code"] == 1003, error
+            assert NO_ENGINE in error["message"] and "DOCKER_HOST" in error["message"]
+        # the local backend keeps working
+        assert d.request("cellbox/createSandbox", {"backend": "local"})["backend"] == "local"
 
 
 def test_requests_before_initialize_are_refused() -> None:
@@ -35,13 +62,13 @@ def test_initialization_options_are_validated_and_applied() -> None:
             d.start("initialize", {"capabilities": {}, "initializationOptions": {"logLevel": 3}})
         )
         assert bad["error"]["code"] == -32602 and "logLevel" in bad["error"]["message"]
-    with Daemon(initialize=False) as d:
+    with Daemon(initialize=False, env={"DOCKER_HOST": NO_ENGINE}) as d:
         result = d.request(
             "initialize", {"capabilities": {}, "initializationOptions": {"defaultBackend": "docker"}}
         )
         assert result["capabilities"]["experimental"]["cellbox"]["defaultBackend"] == "docker"
         error = d.response(d.start("cellbox/createSandbox", {}))["error"]
-        assert error["code"] == 1003 and "local" in error["message"]
+        assert error["code"] == 1003 and "'local'" in error["message"]
 
 
 def test_shutdown_then_exit_ends_the_process_with_0(daemon: Daemon) -> None:
@@ -163,12 +190,9 @@ def test_invalid_params_name_the_field(
         ("cellbox/interruptKernel", {"kernelId": "k-nope"}, 1002),
         ("cellbox/restartKernel", {"kernelId": "k-nope"}, 1002),
         ("cellbox/shutdownKernel", {"kernelId": "k-nope"}, 1002),
-        ("cellbox/createSandbox", {"backend": "docker"}, 1003),
-        ("cellbox/buildImage", {"variant": "minimal"}, 1003),
-        ("cellbox/listImages", {}, 1003),
     ],
 )
-def test_unknown_ids_and_missing_backends_answer_application_errors(
+def test_unknown_ids_answer_application_errors(
     shared_daemon: Daemon, method: str, params: object, code: int
 ) -> None:
     error = shared_daemon.response(shared_daemon.start(method, params))["error"]

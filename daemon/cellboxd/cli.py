@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import shutil
 import sys
 from collections.abc import Sequence
@@ -11,10 +12,12 @@ from pathlib import Path
 from cellbox import __version__
 from cellbox import types as t
 from cellbox.client import Client, ExecutionEvent
-from cellbox.errors import CellboxError, InstallFailed
+from cellbox.errors import BuildFailed, CellboxError, InstallFailed, InvalidDependencies
 
 _BACKENDS = ["local", "docker"]
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
+_VARIANTS = ["minimal", "basic", "example"]
+_SHORT_ID = 12
 _EXIT_INTERRUPTED = 130
 _DISPLAY_TEXT_CHARS = 80
 
@@ -157,6 +160,82 @@ def _sources(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- build and images ----------------------------------------------------------------------
+
+
+def _build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    dependencies: str | None = None
+    if args.dependencies is not None:
+        try:
+            dependencies = Path(args.dependencies).read_text(encoding="utf-8")
+        except OSError as e:
+            print(f"cellbox: cannot read {args.dependencies}: {e.strerror}", file=sys.stderr)
+            return 1
+    console = Console(stderr=True, highlight=False)
+    source = f"from {args.dependencies}" if args.dependencies else f"variant {args.variant or 'minimal'}"
+    printed = False  # whether the build's lines were printed (no terminal: no spinner)
+    with _client() as client, console.status(f"building an image of {source}") as status:
+
+        def progress(message: str) -> None:
+            nonlocal printed
+            line = message.rstrip("\n")
+            if console.is_terminal:
+                status.update(Text(f"building: {line}", no_wrap=True, overflow="ellipsis"))
+            else:
+                printed = True
+                console.print(line, style="dim", markup=False, soft_wrap=True)
+
+        try:
+            result = client.build_image(
+                variant=args.variant,
+                dependencies=dependencies,
+                tag=args.tag,
+                base_image=args.base_image,
+                root=args.root,
+                on_progress=progress,
+            )
+        except InvalidDependencies as e:
+            print(f"cellbox: {args.dependencies}: {e.message}", file=sys.stderr)
+            return 1
+        except BuildFailed as e:
+            status.stop()
+            log = (e.data or {}).get("log")
+            if log and not printed:
+                console.print(log.rstrip("\n"), markup=False, soft_wrap=True)
+            print(f"cellbox: {e.message}", file=sys.stderr)
+            return 1
+    print(f"{result.tag} {result.image_id} {'built' if result.built else 'up to date'}")
+    return 0
+
+
+def _images(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client() as client:
+        images = client.list_images()
+    if not images:
+        print("cellbox: no cellbox images; build one with `cellbox build`", file=sys.stderr)
+        return 0
+    table = Table("TAG", "IMAGE ID", "VARIANT", "CREATED", box=None, pad_edge=False, header_style="bold")
+    for image in images:
+        short_id = image.image_id.removeprefix("sha256:")[:_SHORT_ID]
+        table.add_row(image.tag, short_id, image.variant or "-", _local_time(image.created_at))
+    # a pipe gets whole lines, not a table cut to 80 columns
+    Console(highlight=False, width=None if sys.stdout.isatty() else 1000).print(table)
+    return 0
+
+
+def _local_time(iso: str) -> str:
+    try:
+        return datetime.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return iso
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -246,6 +325,48 @@ def _parser() -> argparse.ArgumentParser:
     sources.add_argument("modules", nargs="+", metavar="MODULE", help="a dotted module name")
     sources.add_argument("--skills", type=_directory, metavar="DIR", help="a folder of skill modules")
     sources.set_defaults(handler=_sources)
+
+    build = command(
+        "build",
+        "build a docker image for sandboxes from a variant or a dependency file",
+        "Build a Docker image for sandboxes of the docker backend: the base image, a virtual\n"
+        "environment with ipykernel and the dependencies, and a non-root user `cellbox` with your\n"
+        "UID. The dependency file has the lines of Poetry's [tool.poetry.dependencies] table\n"
+        '(`pandas = "^2.2"`, `python = "^3.11"`). An image with the same inputs under the tag is\n'
+        "kept, not rebuilt. The base image must be on the engine already: cellbox never pulls.\n"
+        "Prints `TAG IMAGE_ID built` (or `up to date`); on failure the build's log goes to stderr.",
+        "examples:\n"
+        "  cellbox build\n"
+        "  cellbox build --variant basic\n"
+        "  cellbox build --dependencies deps.txt --tag my-agent:1\n"
+        "  cellbox build --variant example --base-image python:3.12-slim --root",
+    )
+    deps_source = build.add_mutually_exclusive_group()
+    deps_source.add_argument(
+        "--variant", choices=_VARIANTS, help="a built-in set of dependencies (default: minimal)"
+    )
+    deps_source.add_argument("--dependencies", metavar="FILE", help="a dependency file")
+    build.add_argument(
+        "--tag",
+        metavar="TAG",
+        help="the image's name[:tag] (default: cellbox-VARIANT:VERSION or cellbox-custom:HASH)",
+    )
+    build.add_argument(
+        "--base-image",
+        metavar="IMAGE",
+        help="the image to build on (default: $CELLBOX_BASE_IMAGE, else python:3.11-slim)",
+    )
+    build.add_argument("--root", action="store_true", help="keep root as the image's user")
+    build.set_defaults(handler=_build)
+
+    images = command(
+        "images",
+        "list the docker images cellbox built",
+        "List the Docker images cellbox built (those with the label cellbox.image): tag, image\n"
+        "id, variant (- for a dependency file) and when it was built, newest first.",
+        "examples:\n  cellbox images\n  cellbox images | grep basic",
+    )
+    images.set_defaults(handler=_images)
     return parser
 
 

@@ -57,6 +57,7 @@ class Kernel:
         self._start_timeout = start_timeout
         self._notify = notify
         self._queue = asyncio.Lock()
+        self._lifecycle = asyncio.Lock()  # one restart or shutdown at a time
         self._current: Execution | None = None
         self._current_msg_id: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,13 +113,14 @@ class Kernel:
         self._end_current()
         if self._pending_restart is not None:
             self._pending_restart.cancel()
-        await self._disconnect()
-        try:
-            await self._km.shutdown_kernel(now=now)
-        except Exception:
-            log.exception("kernel %s: shutdown failed; killing it", self.kernel_id)
-            with contextlib.suppress(Exception):
-                await self._km.shutdown_kernel(now=True)
+        async with self._lifecycle:
+            await self._disconnect()
+            try:
+                await self._km.shutdown_kernel(now=now)
+            except Exception:
+                log.exception("kernel %s: shutdown failed; killing it", self.kernel_id)
+                with contextlib.suppress(Exception):
+                    await self._km.shutdown_kernel(now=True)
         self._set_state("dead")
 
     async def interrupt(self) -> None:
@@ -128,6 +130,10 @@ class Kernel:
     async def restart(self) -> None:
         """A fresh process with the same kernelId; works on a dead kernel too."""
         self._check_open()
+        async with self._lifecycle:
+            await self._restart()
+
+    async def _restart(self) -> None:
         self._restarting = True
         try:
             self._set_state("restarting")
@@ -139,7 +145,7 @@ class Kernel:
                 # the process may be long gone; start anew with the same settings
                 log.info("kernel %s: restart failed, starting a new process", self.kernel_id)
                 with contextlib.suppress(Exception):
-                    await self._km.shutdown_kernel(now=True)
+                    await self._km.shutdown_kernel(now=True, restart=True)
                 await self._km.start_kernel(**self._launch_kwargs)
             await self._connect()
         except BaseException:

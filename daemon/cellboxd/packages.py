@@ -6,21 +6,30 @@ kernels' `sys.path`, so a running kernel imports them at once without a restart.
 
 from __future__ import annotations
 
-import importlib.metadata
-import shutil
-from pathlib import Path
+import msgspec
 
 from cellbox import errors
 from cellbox import types as t
 from cellboxd.backends.base import OnLine, SandboxRuntime
 
+# Runs in the sandbox's interpreter: the distributions of its own environment, as JSON.
+_LIST = r"""
+import importlib.metadata, json, sys, sysconfig
+paths = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
+dists = importlib.metadata.distributions(path=paths)
+found = {d.metadata["Name"]: d.version for d in dists if d.metadata["Name"]}
+sys.stdout.write(json.dumps(found))
+"""
+
 
 def installer_command(
     runtime: SandboxRuntime, installer: str, packages: list[str], upgrade: bool
 ) -> list[str]:
-    uv = shutil.which("uv") if installer in ("auto", "uv") else None
+    uv = runtime.uv if installer in ("auto", "uv") else None
     if installer == "uv" and uv is None:
-        raise errors.InstallFailed("installer 'uv' is configured but not on PATH", {"log": ""})
+        raise errors.InstallFailed(
+            "installer 'uv' is configured but not available in the sandbox", {"log": ""}
+        )
     if uv is not None:
         argv = [uv, "pip", "install", "--python", runtime.python]
     else:
@@ -31,13 +40,14 @@ def installer_command(
     return [*argv, "--", *packages]
 
 
-def _distributions(site_packages: Path) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for dist in importlib.metadata.distributions(path=[str(site_packages)]):
-        name = dist.metadata["Name"]
-        if name:
-            found[name] = dist.version
-    return found
+async def _distributions(runtime: SandboxRuntime) -> dict[str, str]:
+    result = await runtime.run([runtime.python, "-c", _LIST])
+    try:
+        return msgspec.json.decode(result.stdout, type=dict[str, str])
+    except msgspec.DecodeError:
+        raise errors.InstallFailed(
+            f"cannot list the sandbox's packages: {result.stderr.strip()}", {"log": result.stderr}
+        ) from None
 
 
 async def install(
@@ -45,7 +55,7 @@ async def install(
 ) -> list[t.InstalledPackage]:
     """Installs `packages`; returns what was added or changed, with versions."""
     argv = installer_command(runtime, installer, packages, upgrade)
-    before = _distributions(runtime.site_packages)
+    before = await _distributions(runtime)
     result = await runtime.run(argv, on_line=on_line)
     if result.returncode != 0:
         log = result.stdout + result.stderr
@@ -54,7 +64,7 @@ async def install(
             f"installing {' '.join(packages)} failed (exit code {result.returncode}): {last.strip()}",
             {"log": log},
         )
-    after = _distributions(runtime.site_packages)
+    after = await _distributions(runtime)
     return [
         t.InstalledPackage(name, version)
         for name, version in sorted(after.items(), key=lambda item: item[0].lower())

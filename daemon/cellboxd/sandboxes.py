@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import secrets
@@ -14,9 +15,11 @@ from pathlib import Path
 
 from cellbox import errors
 from cellbox import types as t
-from cellboxd.backends.base import SandboxRuntime
+from cellboxd.backends.base import OnLine, SandboxRuntime, pid_alive
+from cellboxd.backends.docker import DockerSandbox
 from cellboxd.backends.local import LocalSandbox
 from cellboxd.config import Settings
+from cellboxd.engine import DockerEngine
 from cellboxd.execution import Notify
 from cellboxd.kernels import Kernel
 
@@ -43,8 +46,9 @@ class Sandbox:
 
 
 class SandboxManager:
-    def __init__(self, settings: Callable[[], Settings], notify: Notify) -> None:
+    def __init__(self, settings: Callable[[], Settings], notify: Notify, docker: DockerEngine) -> None:
         self._settings = settings
+        self.docker = docker
         self._notify = notify
         self._sandboxes: dict[str, Sandbox] = {}
         self._kernels: dict[str, Kernel] = {}
@@ -55,18 +59,13 @@ class SandboxManager:
         return self._settings().data_path / "sandboxes"
 
     def backends(self) -> list[t.Backend]:
-        return ["local"]
+        return ["local", "docker"] if self.docker.reachable() else ["local"]
 
     # -- sandboxes --------------------------------------------------------------------------
 
-    async def create(self, params: t.CreateSandboxParams) -> Sandbox:
+    async def create(self, params: t.CreateSandboxParams, on_line: OnLine) -> Sandbox:
         backend = params.backend or self._settings().default_backend
-        if backend != "local":
-            raise errors.BackendUnavailable(
-                f"the {backend} backend is not available in this daemon; use backend 'local'",
-                {"backend": backend},
-            )
-        if params.image or params.mounts or params.limits or params.network:
+        if backend == "local" and (params.image or params.mounts or params.limits or params.network):
             raise errors.InvalidParams(
                 "Invalid params: `image`, `mounts`, `limits` and `network` need the docker backend; "
                 "the local backend isolates nothing"
@@ -78,22 +77,40 @@ class SandboxManager:
         root = self._root / sandbox_id
         root.mkdir(parents=True)
         (root / _OWNER_FILE).write_text(str(os.getpid()))
+        runtime: SandboxRuntime
+        image: str | None = None
         try:
-            sockets = self._settings().runtime_path
-            runtime = await asyncio.to_thread(LocalSandbox.create, root, params.env, sockets)
-        except Exception:
+            if backend == "docker":
+                client = await self.docker.client()
+                image = await self.docker.resolve_image(params.image, on_line)
+                runtime = await asyncio.to_thread(
+                    functools.partial(
+                        DockerSandbox.create,
+                        client,
+                        root=root,
+                        sandbox_id=sandbox_id,
+                        daemon_id=self.docker.daemon_id,
+                        image=image,
+                        params=params,
+                    )
+                )
+            else:
+                sockets = self._settings().runtime_path
+                runtime = await asyncio.to_thread(LocalSandbox.create, root, params.env, sockets)
+        except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
         info = t.SandboxInfo(
             sandbox_id=sandbox_id,
-            backend="local",
+            backend=backend,
             kernels=[],
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            image=image,
             name=params.name,
         )
         sandbox = Sandbox(info, runtime)
         self._sandboxes[sandbox_id] = sandbox
-        log.info("sandbox %s created in %s", sandbox_id, root)
+        log.info("%s sandbox %s created in %s", backend, sandbox_id, root)
         return sandbox
 
     def get(self, sandbox_id: str) -> Sandbox:
@@ -128,7 +145,7 @@ class SandboxManager:
                 pid = int((root / _OWNER_FILE).read_text())
             except (OSError, ValueError):
                 continue
-            if not _alive(pid):
+            if not pid_alive(pid):
                 log.info("removing %s, left by daemon %d", root, pid)
                 shutil.rmtree(root, ignore_errors=True)
 
@@ -170,17 +187,8 @@ class SandboxManager:
     async def _drop_kernel(self, kernel: Kernel, now: bool) -> None:
         self._kernels.pop(kernel.kernel_id, None)
         sandbox = self._sandboxes.get(kernel.sandbox_id)
-        if sandbox is not None:
-            sandbox.kernels.pop(kernel.kernel_id, None)
         with contextlib.suppress(Exception):
             await kernel.shutdown(now=now)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if sandbox is not None:
+            sandbox.kernels.pop(kernel.kernel_id, None)
+            sandbox.runtime.release_kernel(kernel.kernel_id)

@@ -8,7 +8,8 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -18,8 +19,9 @@ from pygls.lsp.server import LanguageServer
 
 from cellbox import __version__, errors, methods
 from cellbox import types as t
-from cellboxd import logs, packages, skills
+from cellboxd import images, logs, packages, skills
 from cellboxd.config import ConfigError, Settings, load_settings
+from cellboxd.engine import DockerEngine
 from cellboxd.progress import WorkDone
 from cellboxd.sandboxes import SandboxManager
 from cellboxd.transport import CellboxProtocol, Writer, open_stdio, read_frames
@@ -35,7 +37,9 @@ class CellboxServer(LanguageServer):
     def __init__(self, settings: Settings) -> None:
         super().__init__("cellbox", __version__, protocol_cls=CellboxProtocol)
         self.settings = settings
-        self.sandboxes = SandboxManager(lambda: self.settings, self.protocol.send_notification)
+        self.docker = DockerEngine(daemon_id=uuid.uuid4().hex)
+        self.sandboxes = SandboxManager(lambda: self.settings, self.protocol.send_notification, self.docker)
+        self._background: set[asyncio.Task[Any]] = set()
         self.protocol.on_initialize = self._on_initialize
 
         async def on_shutdown(*_: Any) -> None:
@@ -54,8 +58,8 @@ class CellboxServer(LanguageServer):
             methods.EXECUTE: self.execute,
             methods.INSTALL_PACKAGE: self.install_package,
             methods.GET_SKILL_SOURCES: self.get_skill_sources,
-            methods.BUILD_IMAGE: self.no_images,
-            methods.LIST_IMAGES: self.no_images,
+            methods.BUILD_IMAGE: self.build_image,
+            methods.LIST_IMAGES: self.list_images,
         }
         for method, handler in handlers.items():
             self.feature(method)(_wire(method, handler))
@@ -77,13 +81,28 @@ class CellboxServer(LanguageServer):
         if options.log_level is not None:
             logs.set_level(options.log_level)
         self._client_log = logs.attach_client(self.protocol.send_notification, self.settings.log_level)
+        backends = self.sandboxes.backends()
         capabilities = t.CellboxCapabilities(
             protocol_version=t.PROTOCOL_VERSION,
-            backends=self.sandboxes.backends(),
+            backends=backends,
             default_backend=self.settings.default_backend,
         )
+        if "docker" in backends:
+            self._spawn(self.docker.sweep_orphans())
         result.capabilities.experimental = {"cellbox": msgspec.to_builtins(capabilities)}
         log.info("initialized by %s", params.client_info.name if params.client_info else "a client")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Runs background work whose failure is logged, not lost."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("background work failed: %s", task.exception())
+
+        task.add_done_callback(done)
 
     async def serve_stdio(self) -> int:
         loop = asyncio.get_running_loop()
@@ -120,7 +139,7 @@ class CellboxServer(LanguageServer):
 
     async def create_sandbox(self, params: t.CreateSandboxParams) -> t.CreateSandboxResult:
         with WorkDone(self.work_done_progress, params.work_done_token, "Creating sandbox") as progress:
-            sandbox = await self.sandboxes.create(params)
+            sandbox = await self.sandboxes.create(params, progress.report)
             progress.report(f"sandbox {sandbox.sandbox_id} ready")
         return t.CreateSandboxResult(
             sandbox_id=sandbox.sandbox_id,
@@ -172,11 +191,14 @@ class CellboxServer(LanguageServer):
     async def get_skill_sources(self, params: t.GetSkillSourcesParams) -> t.GetSkillSourcesResult:
         return await skills.skill_sources(self.sandboxes.get(params.sandbox_id).runtime, params.modules)
 
-    async def no_images(self, params: Any) -> None:
-        raise errors.BackendUnavailable(
-            "images need the docker backend, which this daemon does not have; sandboxes use backend 'local'",
-            {"backend": "docker"},
-        )
+    async def build_image(self, params: t.BuildImageParams) -> t.BuildImageResult:
+        client = await self.docker.client()
+        with WorkDone(self.work_done_progress, params.work_done_token, "Building image") as progress:
+            return await images.build_image(client, params, on_line=progress.report)
+
+    async def list_images(self, params: t.ListImagesParams) -> t.ListImagesResult:
+        client = await self.docker.client()
+        return t.ListImagesResult(await asyncio.to_thread(images.list_images, client))
 
 
 def _wire(method: str, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:

@@ -474,6 +474,40 @@ class AsyncClient:
         result: t.ListSandboxesResult = await self.request(methods.LIST_SANDBOXES, t.ListSandboxesParams())
         return result.sandboxes
 
+    # --- images --------------------------------------------------------------------------
+
+    async def build_image(
+        self,
+        *,
+        variant: t.Variant | None = None,
+        dependencies: str | None = None,
+        tag: str | None = None,
+        base_image: str | None = None,
+        root: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> t.BuildImageResult:
+        """Build a docker image, unless an identical one has the tag; `on_progress` gets its output lines.
+
+        Give a built-in `variant` or the text of a dependency file, not both; neither is "minimal".
+        """
+        with self._progress_token(on_progress) as token:
+            result: t.BuildImageResult = await self.request(
+                methods.BUILD_IMAGE,
+                t.BuildImageParams(
+                    tag=tag,
+                    variant=variant,
+                    dependencies=dependencies,
+                    base_image=base_image,
+                    root=root,
+                    work_done_token=token,
+                ),
+            )
+        return result
+
+    async def list_images(self) -> list[t.ImageInfo]:
+        result: t.ListImagesResult = await self.request(methods.LIST_IMAGES, t.ListImagesParams())
+        return result.images
+
 
 class AsyncSandbox:
     """A sandbox of the daemon; `async with` destroys it on exit."""
@@ -807,6 +841,30 @@ class Client:
 
     def list_sandboxes(self) -> list[t.SandboxInfo]:
         return self._call(self._async.list_sandboxes())
+
+    def build_image(
+        self,
+        *,
+        variant: t.Variant | None = None,
+        dependencies: str | None = None,
+        tag: str | None = None,
+        base_image: str | None = None,
+        root: bool = False,
+        on_progress: ProgressCallback | None = None,
+    ) -> t.BuildImageResult:
+        return self._call(
+            self._async.build_image(
+                variant=variant,
+                dependencies=dependencies,
+                tag=tag,
+                base_image=base_image,
+                root=root,
+                on_progress=on_progress,
+            )
+        )
+
+    def list_images(self) -> list[t.ImageInfo]:
+        return self._call(self._async.list_images())
 
 
 class Sandbox:

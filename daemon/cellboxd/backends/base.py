@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,8 +36,12 @@ class SandboxRuntime(Protocol):
         ...
 
     @property
-    def site_packages(self) -> Path:
-        """Where packages installed at runtime go."""
+    def uv(self) -> str | None:
+        """uv for installs, where the sandbox has it; else pip is used."""
+        ...
+
+    def release_kernel(self, kernel_id: str) -> None:
+        """Forgets a kernel that was shut down."""
         ...
 
     @property
@@ -55,3 +60,14 @@ class SandboxRuntime(Protocol):
     async def close(self) -> None:
         """Stops the sandbox's processes and removes what it made."""
         ...
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine runs under `pid` (a daemon that left sandboxes behind)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -54,6 +54,13 @@ class LocalSandbox:
         return str(self._venv / "bin" / "python")
 
     @property
+    def uv(self) -> str | None:
+        return shutil.which("uv")
+
+    def release_kernel(self, kernel_id: str) -> None:
+        pass
+
+    @property
     def site_packages(self) -> Path:
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
         return self._venv / "lib" / version / "site-packages"

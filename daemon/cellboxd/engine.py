@@ -1,0 +1,88 @@
+"""The daemon's Docker engine: connecting to it, the images sandboxes start from, orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+import docker
+import docker.errors
+
+from cellbox import errors
+from cellbox import types as t
+from cellboxd import images
+from cellboxd.backends import docker as docker_backend
+from cellboxd.backends.base import OnLine, pid_alive
+from cellboxd.dependencies import VARIANTS, variant_dependencies
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VARIANT = "minimal"
+
+
+class DockerEngine:
+    def __init__(self, daemon_id: str) -> None:
+        self.daemon_id = daemon_id
+        self._client: docker.DockerClient | None = None
+        self._lock = asyncio.Lock()
+
+    def reachable(self, timeout: float = 1.0) -> bool:
+        """Whether an engine answers now (for `initialize`: a quick look, not a wait)."""
+        try:
+            docker.from_env(timeout=timeout).ping()
+        except Exception:
+            return False
+        return True
+
+    async def client(self) -> docker.DockerClient:
+        async with self._lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(docker_backend.connect)
+            return self._client
+
+    async def resolve_image(self, image: str | None, on_line: OnLine) -> str:
+        """The tag to start a sandbox from: a built-in variant is built when missing."""
+        client = await self.client()
+        name = image or DEFAULT_VARIANT
+        if name in VARIANTS:
+            tag = images.default_tag(name, variant_dependencies(name))
+            if await asyncio.to_thread(images.find_image, client, tag) is None:
+                on_line(f"building the {name} image {tag} (first use)")
+                params = t.BuildImageParams(variant=name)  # type: ignore[arg-type]
+                await images.build_image(client, params, on_line=on_line)
+            return tag
+        if await asyncio.to_thread(images.find_image, client, name) is None:
+            raise errors.ImageNotFound(
+                f"image {name!r} not found; build it with `cellbox build --tag {name} --dependencies FILE` "
+                f"(or cellbox/buildImage), or use a built-in variant: {', '.join(VARIANTS)}",
+                {"image": name},
+            )
+        return name
+
+    async def sweep_orphans(self) -> list[str]:
+        """Removes sandbox containers of this machine's daemons that are gone; their names."""
+        client = await self.client()
+        return await asyncio.to_thread(_sweep, client)
+
+
+def _sweep(client: docker.DockerClient) -> list[str]:
+    removed: list[str] = []
+    host = os.uname().nodename
+    for container in client.containers.list(all=True, filters={"label": docker_backend.LABEL_SANDBOX}):
+        labels: dict[str, Any] = container.labels
+        if labels.get(docker_backend.LABEL_HOST) != host:
+            continue
+        try:
+            pid = int(labels.get(docker_backend.LABEL_DAEMON_PID, ""))
+        except ValueError:
+            continue
+        if pid_alive(pid):
+            continue
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+        removed.append(container.name)
+        log.info("removed %s, left by daemon %d", container.name, pid)
+    return removed
