@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import tempfile
@@ -210,3 +211,95 @@ def test_containers_of_a_killed_daemon_are_removed_by_the_next() -> None:
         while _containers(created["sandboxId"]) and time.monotonic() < deadline:
             time.sleep(0.2)
     assert _containers(created["sandboxId"]) == []
+
+
+def test_network_none_cuts_the_sandbox_off_and_kernels_still_work(dd: Daemon) -> None:
+    created = dd.request("cellbox/createSandbox", {"backend": "docker", "network": "none"}, timeout=600)
+    (container,) = _containers(created["sandboxId"])
+    assert container.attrs["HostConfig"]["NetworkMode"] == "none"
+    assert container.attrs["NetworkSettings"]["Ports"] in ({}, None)
+    kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
+    code = (
+        "import socket\n"
+        "try:\n"
+        "    socket.create_connection(('1.1.1.1', 53), timeout=3)\n"
+        "    print('connected')\n"
+        "except OSError as exc:\n"
+        "    print('refused', type(exc).__name__)"
+    )
+    result = run(dd, kernel, code)
+    assert result["status"] == "ok" and result["text"].startswith("refused"), result
+    # streaming, interrupts and restarts go through the forwarded ports as through published ones
+    msg_id = dd.start(
+        EXECUTE, {"kernelId": kernel, "code": "import time; print('up', flush=True); time.sleep(60)"}
+    )
+    time.sleep(1.5)
+    dd.request("cellbox/interruptKernel", {"kernelId": kernel})
+    assert dd.response(msg_id, timeout=15)["result"]["text"] == "up\n"
+    dd.request("cellbox/restartKernel", {"kernelId": kernel}, timeout=60)
+    assert run(dd, kernel, "sum(range(10))")["text"] == "45\n"
+    dd.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}, timeout=60)
+
+
+def test_pip_in_a_cell_installs_into_the_container(dd: Daemon, box: dict) -> None:
+    code = "!pip install --quiet cowsay==6.1\nimport cowsay\ncowsay.__file__"
+    result = run(dd, box["kernel"], code)
+    assert result["status"] == "ok", result
+    assert result["outputs"][-1]["data"]["text/plain"].startswith("'/opt/cellbox/venv/")
+
+
+SEED_DEPENDENCIES = """\
+# what the agent's code needs, in Poetry's format
+tinydb = "^4.8"
+"""
+
+SEED_SKILL = '''"""Notes in a small JSON database: the skill the model is shown."""
+
+import cowsay
+from tinydb import TinyDB
+
+
+def remember(text: str) -> str:
+    TinyDB("notes.json").insert({"text": text})
+    return cowsay.get_output_string("cow", text)
+'''
+
+
+def test_the_seed_flow_end_to_end(dd: Daemon) -> None:
+    """Build from a dependency file, sandbox with a key, runtime install, skill sources, new kernel."""
+    tag = "cellbox-test-seed:1"
+    try:
+        built = dd.request(
+            "cellbox/buildImage",
+            {"tag": tag, "dependencies": SEED_DEPENDENCIES, "workDoneToken": "b"},
+            timeout=900,
+        )
+        assert built["tag"] == tag and built["imageId"].startswith("sha256:")
+        again = dd.request("cellbox/buildImage", {"tag": tag, "dependencies": SEED_DEPENDENCIES})
+        assert again == {**built, "built": False}
+        assert tag in [i["tag"] for i in dd.request("cellbox/listImages", {})["images"]]
+
+        created = dd.request(
+            "cellbox/createSandbox",
+            {"backend": "docker", "image": tag, "env": {"NOTES_API_KEY": "k-123"}},
+            timeout=600,
+        )
+        sandbox = created["sandboxId"]
+        assert created["image"] == tag
+        installed = dd.request(
+            "cellbox/installPackage", {"sandboxId": sandbox, "packages": ["cowsay==6.1"]}, timeout=600
+        )
+        assert {"name": "cowsay", "version": "6.1"} in installed["installed"]
+        (Path(created["workspace"]) / "skills" / "notes.py").write_text(SEED_SKILL)
+        sources = dd.request("cellbox/getSkillSources", {"sandboxId": sandbox, "modules": ["notes"]})
+        assert sources["formatted"] == f"```python\n# Module: notes\n\n{SEED_SKILL}\n```"
+
+        kernel = dd.request("cellbox/startKernel", {"sandboxId": sandbox}, timeout=120)["kernelId"]
+        result = run(dd, kernel, "import os, notes\nprint(notes.remember(os.environ['NOTES_API_KEY']))")
+        assert result["status"] == "ok", result
+        assert "k-123" in result["text"] and "^__^" in result["text"]
+        assert (Path(created["workspace"]) / "notes.json").exists()
+        dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker.from_env().images.remove(tag, force=True)

@@ -32,6 +32,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from cellbox import errors
 from cellbox import types as t
 from cellboxd.backends.base import KernelLaunch, OnLine, RunResult
+from cellboxd.backends.forward import PortForward
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ class DockerSandbox:
         self._slots: dict[str, int] = {}
         self._logs: list[BinaryIO] = []
         self._ports: dict[int, int] = _published_ports(container)
+        self._forward = (
+            PortForward(client, container.id, PYTHON)
+            if container.attrs["HostConfig"]["NetworkMode"] == "none"
+            else None
+        )
 
     @property
     def workspace(self) -> Path:
@@ -122,10 +128,11 @@ class DockerSandbox:
         if limits.pids is not None:
             kwargs["pids_limit"] = limits.pids
         if params.network == "none":
-            raise errors.InvalidParams(
-                "Invalid params: network 'none' is not supported by this daemon yet; use 'bridge'"
-            )
-        ports = {f"{p}/tcp": ("127.0.0.1", None) for p in range(_PORT_BASE, _PORT_BASE + 5 * KERNEL_SLOTS)}
+            # no network, so no ports: kernels are reached through `docker exec` (see forward.py)
+            kwargs["network_mode"] = "none"
+        else:
+            slots = range(_PORT_BASE, _PORT_BASE + 5 * KERNEL_SLOTS)
+            kwargs["ports"] = {f"{p}/tcp": ("127.0.0.1", None) for p in slots}
         try:
             container = client.containers.run(
                 image,
@@ -136,7 +143,6 @@ class DockerSandbox:
                 environment=params.env,
                 working_dir=WORKSPACE,
                 mounts=mounts,
-                ports=ports,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
                 labels={
@@ -164,7 +170,7 @@ class DockerSandbox:
             )
         slot = self._slots[kernel_id] = free[0]
         container_ports = [_PORT_BASE + 5 * slot + i for i in range(5)]
-        host_ports = [self._ports[p] for p in container_ports]
+        host_ports = [self._ports[p] for p in container_ports] if self._forward is None else []
         km = AsyncKernelManager(
             kernel_name="cellbox",
             ip="127.0.0.1",
@@ -186,7 +192,13 @@ class DockerSandbox:
             parent=km,
         )
         km.provisioner.setup(
-            self._client, self._container, self.root / "kernels", container_ports, host_ports, log_file
+            self._client,
+            self._container,
+            self.root / "kernels",
+            container_ports,
+            host_ports,
+            log_file,
+            self._forward,
         )
         return KernelLaunch(km, {}, log_path)
 
@@ -228,6 +240,8 @@ class DockerSandbox:
         )
 
     async def close(self) -> None:
+        if self._forward is not None:
+            await self._forward.close()
         await asyncio.to_thread(self._remove)
         for log_file in self._logs:
             log_file.close()
@@ -295,8 +309,10 @@ class ContainerProvisioner(KernelProvisionerBase):
         container_ports: list[int],
         host_ports: list[int],
         log_file: BinaryIO,
+        forward: PortForward | None,
     ) -> None:
         self._client = client
+        self._forward = forward
         self._container = container
         self._connections = connections
         self._container_ports = container_ports
@@ -311,13 +327,16 @@ class ContainerProvisioner(KernelProvisionerBase):
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
         assert isinstance(km, AsyncKernelManager)
+        if self._forward is not None and not self._host_ports:
+            self._host_ports = [await self._forward.listen(port) for port in self._container_ports]
         for name, port in zip(_CHANNELS, self._host_ports, strict=True):
             setattr(km, name, port)
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
         inside = dict(self.connection_info)
         inside.update(zip(_CHANNELS, self._container_ports, strict=True))
-        inside["ip"] = "0.0.0.0"
+        # published ports reach the container's interface; forwarded ones its loopback
+        inside["ip"] = "127.0.0.1" if self._forward is not None else "0.0.0.0"
         inside["key"] = km.session.key.decode()
         target = self._connections / f"{self.kernel_id}.json"
         target.write_text(json.dumps(inside))
