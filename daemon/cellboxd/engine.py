@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-from typing import Any
 
 import docker
-import docker.errors
 
 from cellbox import errors
 from cellbox import types as t
-from cellboxd import images
+from cellboxd import images, inventory
 from cellboxd.backends import docker as docker_backend
-from cellboxd.backends.base import OnLine, pid_alive
+from cellboxd.backends.base import OnLine
 from cellboxd.dependencies import VARIANTS, variant_dependencies
 
 log = logging.getLogger(__name__)
@@ -63,26 +59,6 @@ class DockerEngine:
         return name
 
     async def sweep_orphans(self) -> list[str]:
-        """Removes sandbox containers of this machine's daemons that are gone; their names."""
+        """Removes sandbox containers of this machine's daemons that are gone; their sandbox ids."""
         client = await self.client()
-        return await asyncio.to_thread(_sweep, client)
-
-
-def _sweep(client: docker.DockerClient) -> list[str]:
-    removed: list[str] = []
-    host = os.uname().nodename
-    for container in client.containers.list(all=True, filters={"label": docker_backend.LABEL_SANDBOX}):
-        labels: dict[str, Any] = container.labels
-        if labels.get(docker_backend.LABEL_HOST) != host:
-            continue
-        try:
-            pid = int(labels.get(docker_backend.LABEL_DAEMON_PID, ""))
-        except ValueError:
-            continue
-        if pid_alive(pid):
-            continue
-        with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True)
-        removed.append(container.name)
-        log.info("removed %s, left by daemon %d", container.name, pid)
-    return removed
+        return await asyncio.to_thread(inventory.remove_docker_orphans, client)

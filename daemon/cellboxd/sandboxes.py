@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import functools
 import logging
-import os
 import secrets
 import shutil
 from collections.abc import Callable
@@ -15,7 +14,8 @@ from pathlib import Path
 
 from cellbox import errors
 from cellbox import types as t
-from cellboxd.backends.base import OnLine, SandboxRuntime, pid_alive
+from cellboxd import inventory
+from cellboxd.backends.base import OnLine, SandboxRuntime
 from cellboxd.backends.docker import DockerSandbox
 from cellboxd.backends.local import LocalSandbox
 from cellboxd.config import Settings
@@ -24,8 +24,6 @@ from cellboxd.execution import Notify
 from cellboxd.kernels import Kernel
 
 log = logging.getLogger(__name__)
-
-_OWNER_FILE = "daemon.pid"
 
 
 class Sandbox:
@@ -72,11 +70,11 @@ class SandboxManager:
             )
         if not self._swept:
             self._swept = True
-            await asyncio.to_thread(self._sweep_orphans)
+            await asyncio.to_thread(inventory.remove_orphan_folders, self._root)
         sandbox_id = "sb-" + secrets.token_hex(6)
         root = self._root / sandbox_id
         root.mkdir(parents=True)
-        (root / _OWNER_FILE).write_text(str(os.getpid()))
+        inventory.claim(root, backend)
         runtime: SandboxRuntime
         image: str | None = None
         try:
@@ -135,19 +133,6 @@ class SandboxManager:
             *(self.destroy(sandbox_id, now=True) for sandbox_id in list(self._sandboxes)),
             return_exceptions=True,
         )
-
-    def _sweep_orphans(self) -> None:
-        """Removes the sandbox folders of daemons that are gone (killed, or crashed)."""
-        if not self._root.is_dir():
-            return
-        for root in self._root.iterdir():
-            try:
-                pid = int((root / _OWNER_FILE).read_text())
-            except (OSError, ValueError):
-                continue
-            if not pid_alive(pid):
-                log.info("removing %s, left by daemon %d", root, pid)
-                shutil.rmtree(root, ignore_errors=True)
 
     # -- kernels ----------------------------------------------------------------------------
 
