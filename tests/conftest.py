@@ -52,7 +52,13 @@ def docker_engine() -> None:
     try:
         docker.from_env(timeout=5).ping()
     except Exception as exc:
-        reason = f"no Docker engine reachable ({exc}); run ../shared/docker/provision and export its lines"
-        if os.environ.get("CELLBOX_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"CELLBOX_REQUIRE_DOCKER=1 but {reason}")
-        pytest.skip(reason)
+        docker_unavailable(
+            f"no Docker engine reachable ({exc}); run ../shared/docker/provision and export its lines"
+        )
+
+
+def docker_unavailable(reason: str) -> None:
+    """A skip with the reason, or a failure where CELLBOX_REQUIRE_DOCKER=1 wants the Docker tests run."""
+    if os.environ.get("CELLBOX_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"CELLBOX_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)

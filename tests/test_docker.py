@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -303,3 +305,32 @@ def test_the_seed_flow_end_to_end(dd: Daemon) -> None:
     finally:
         with contextlib.suppress(docker.errors.ImageNotFound):
             docker.from_env().images.remove(tag, force=True)
+
+
+def _cellbox(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cellboxd", *args], capture_output=True, text=True, timeout=120, check=True
+    )
+
+
+def test_ps_lists_sandboxes_and_prune_removes_orphans() -> None:
+    d = Daemon()
+    local = d.request("cellbox/createSandbox", {})["sandboxId"]
+    container = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)["sandboxId"]
+    rows = {line.split()[0]: line.split() for line in _cellbox("ps").stdout.splitlines()[1:]}
+    assert rows[local][1:4] == ["local", str(d.proc.pid), "running"]
+    assert rows[container][1:4] == ["docker", str(d.proc.pid), "running"]
+    assert _cellbox("prune").stdout == ""  # a running daemon's sandboxes stay
+    assert {local, container} <= {line.split()[0] for line in _cellbox("ps").stdout.splitlines()[1:]}
+
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    assert not {local, container} & {line.split()[0] for line in _cellbox("ps").stdout.splitlines()[1:]}
+    orphans = {line.split()[0]: line.split()[3] for line in _cellbox("ps", "--all").stdout.splitlines()[1:]}
+    assert orphans[local] == orphans[container] == "orphaned"
+    removed = _cellbox("prune").stdout.split()
+    assert f"{local}" in removed and f"{container}" in removed
+    assert _containers(container) == []
+    assert not {local, container} & {
+        line.split()[0] for line in _cellbox("ps", "--all").stdout.splitlines()[1:]
+    }

@@ -8,6 +8,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cellbox import __version__
 from cellbox import types as t
@@ -236,6 +237,54 @@ def _local_time(iso: str) -> str:
         return iso
 
 
+# --- ps, prune -----------------------------------------------------------------------------
+
+
+def _engine() -> Any:
+    """The Docker engine's client, or None (with a note) when none answers."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=5)
+        client.ping()
+    except Exception as exc:
+        print(f"cellbox: docker sandboxes not shown: no engine reachable ({exc})", file=sys.stderr)
+        return None
+    return client
+
+
+def _ps(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cellboxd import inventory
+    from cellboxd.config import load_settings
+
+    entries = inventory.local_sandboxes(load_settings().sandboxes_path)
+    if (client := _engine()) is not None:
+        entries += inventory.docker_sandboxes(client)
+    if not args.all:
+        entries = [e for e in entries if not e.orphaned]
+    table = Table("SANDBOX", "BACKEND", "DAEMON", "STATE", "IMAGE", "CREATED", box=None, header_style="bold")
+    for e in entries:
+        state = "orphaned" if e.orphaned else "running"
+        table.add_row(e.sandbox_id, e.backend, str(e.daemon_pid or "-"), state, e.image or "-", e.created_at)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 1000).print(table)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from cellboxd import inventory
+    from cellboxd.config import load_settings
+
+    removed = inventory.remove_orphan_folders(load_settings().sandboxes_path)
+    if (client := _engine()) is not None:
+        removed += inventory.remove_docker_orphans(client)
+    for sandbox_id in dict.fromkeys(removed):
+        print(f"removed {sandbox_id}")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -367,6 +416,27 @@ def _parser() -> argparse.ArgumentParser:
         "examples:\n  cellbox images\n  cellbox images | grep basic",
     )
     images.set_defaults(handler=_images)
+
+    ps = command(
+        "ps",
+        "list the sandboxes on this machine, of every daemon",
+        "List the sandboxes of every cellbox daemon of yours on this machine: local sandbox\n"
+        "folders and docker containers, with the PID of the daemon that owns each. --all adds\n"
+        "orphans, left by daemons that were killed (`cellbox prune` removes them).",
+        "examples:\n  cellbox ps\n  cellbox ps --all",
+    )
+    ps.add_argument("--all", action="store_true", help="also list orphaned sandboxes")
+    ps.set_defaults(handler=_ps)
+
+    prune = command(
+        "prune",
+        "remove sandboxes left behind by daemons that are gone",
+        "Remove the sandbox folders and docker containers whose daemon is no longer running\n"
+        "(a daemon that exits removes its own; one that is killed cannot). Sandboxes of running\n"
+        "daemons are left alone. Prints the id of each sandbox removed.",
+        "examples:\n  cellbox prune",
+    )
+    prune.set_defaults(handler=_prune)
     return parser
 
 

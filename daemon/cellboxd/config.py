@@ -45,6 +45,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return Path(self.data_dir or platformdirs.user_data_dir(APP))
 
     @property
+    def sandboxes_path(self) -> Path:
+        """One folder per sandbox of every daemon of this user."""
+        return self.data_path / "sandboxes"
+
+    @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir or platformdirs.user_cache_dir(APP))
 

@@ -54,7 +54,7 @@ class SandboxManager:
 
     @property
     def _root(self) -> Path:
-        return self._settings().data_path / "sandboxes"
+        return self._settings().sandboxes_path
 
     def backends(self) -> list[t.Backend]:
         return ["local", "docker"] if self.docker.reachable() else ["local"]
