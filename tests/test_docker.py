@@ -155,7 +155,9 @@ def test_container_killed_from_outside_gives_died(dd: Daemon) -> None:
 
 def test_memory_limit_kills_the_kernel_not_the_daemon(dd: Daemon) -> None:
     created = dd.request(
-        "cellbox/createSandbox", {"backend": "docker", "limits": {"memoryMb": 200, "pids": 64}}, timeout=600
+        "cellbox/createSandbox",
+        {"backend": "docker", "limits": {"memoryMb": 200, "pids": 64, "cpus": 0.5}},
+        timeout=600,
     )
     kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
     result = run(dd, kernel, "chunks = [bytearray(50 * 1024 * 1024) for _ in range(10)]", timeout=60)
@@ -163,6 +165,7 @@ def test_memory_limit_kills_the_kernel_not_the_daemon(dd: Daemon) -> None:
     (container,) = _containers(created["sandboxId"])
     assert container.attrs["HostConfig"]["Memory"] == 200 * 1024 * 1024
     assert container.attrs["HostConfig"]["PidsLimit"] == 64
+    assert container.attrs["HostConfig"]["NanoCpus"] == 500_000_000
     dd.request("cellbox/restartKernel", {"kernelId": kernel}, timeout=60)
     assert run(dd, kernel, "6 * 7")["text"] == "42\n"
     dd.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}, timeout=60)
