@@ -12,7 +12,7 @@ import contextlib
 import logging
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -60,6 +60,7 @@ class Kernel:
         self._lifecycle = asyncio.Lock()  # one restart or shutdown at a time
         self._current: Execution | None = None
         self._current_msg_id: str | None = None
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}  # other shell requests
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = asyncio.Event()  # wakes the monitor when an execution starts
         self._restarting = False
@@ -153,6 +154,26 @@ class Kernel:
             raise
         finally:
             self._restarting = False
+
+    # -- editor requests ---------------------------------------------------------------------
+
+    async def ask(
+        self, kind: Literal["complete", "inspect"], code: str, cursor_pos: int, within: float
+    ) -> dict[str, Any] | None:
+        """A `complete_request` or `inspect_request`'s reply, or None when the kernel cannot
+        answer: a kernel that runs an execution would answer only after it, and an editor must
+        not wait for that."""
+        kc = self._kc
+        if kc is None or self.closed or self.state == "dead" or self._queue.locked():
+            return None
+        msg_id = kc.complete(code, cursor_pos) if kind == "complete" else kc.inspect(code, cursor_pos)
+        waiter = self._replies[msg_id] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(waiter, within)
+        except TimeoutError:
+            return None
+        finally:
+            self._replies.pop(msg_id, None)
 
     # -- execution --------------------------------------------------------------------------
 
@@ -277,9 +298,12 @@ class Kernel:
         channel = kc.shell_channel
         while True:
             msg = await channel.get_msg()
+            parent = msg["parent_header"].get("msg_id")
             execution = self._current
-            if execution is not None and msg["parent_header"].get("msg_id") == self._current_msg_id:
+            if execution is not None and parent == self._current_msg_id:
                 execution.on_reply(msg["content"])
+            elif (waiter := self._replies.pop(parent, None)) is not None and not waiter.done():
+                waiter.set_result(msg["content"])
 
     async def _monitor(self) -> None:
         """Notices a kernel process that is gone, and ends the execution waiting on it."""

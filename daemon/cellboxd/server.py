@@ -16,12 +16,14 @@ import msgspec
 from lsprotocol import types as lsp
 from pygls.exceptions import JsonRpcException
 from pygls.lsp.server import LanguageServer
+from pygls.workspace import TextDocument
 
 from cellbox import __version__, errors, methods
 from cellbox import types as t
-from cellboxd import images, logs, packages, skills
+from cellboxd import documents, images, logs, packages, skills
 from cellboxd.config import ConfigError, Settings, load_settings
 from cellboxd.engine import DockerEngine
+from cellboxd.kernels import Kernel
 from cellboxd.progress import WorkDone
 from cellboxd.sandboxes import SandboxManager
 from cellboxd.transport import CellboxProtocol, Writer, open_stdio, read_frames
@@ -60,9 +62,21 @@ class CellboxServer(LanguageServer):
             methods.GET_SKILL_SOURCES: self.get_skill_sources,
             methods.BUILD_IMAGE: self.build_image,
             methods.LIST_IMAGES: self.list_images,
+            methods.BIND_DOCUMENT: self.bind_document,
         }
         for method, handler in handlers.items():
             self.feature(method)(_wire(method, handler))
+        self.bindings = documents.Bindings()
+
+        @self.feature(lsp.TEXT_DOCUMENT_COMPLETION, lsp.CompletionOptions(trigger_characters=["."]))
+        async def completion(params: lsp.CompletionParams) -> lsp.CompletionList:
+            bound = self._bound(params.text_document.uri)
+            return documents.EMPTY if bound is None else await documents.complete(*bound, params.position)
+
+        @self.feature(lsp.TEXT_DOCUMENT_HOVER)
+        async def hover(params: lsp.HoverParams) -> lsp.Hover | None:
+            bound = self._bound(params.text_document.uri)
+            return None if bound is None else await documents.hover(*bound, params.position)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -190,6 +204,24 @@ class CellboxServer(LanguageServer):
 
     async def get_skill_sources(self, params: t.GetSkillSourcesParams) -> t.GetSkillSourcesResult:
         return await skills.skill_sources(self.sandboxes.get(params.sandbox_id).runtime, params.modules)
+
+    # -- editor features --------------------------------------------------------------------
+
+    async def bind_document(self, params: t.BindDocumentParams) -> None:
+        if params.kernel_id is not None:
+            self.sandboxes.kernel(params.kernel_id)  # KernelNotFound for an unknown one
+        self.bindings.bind(params.uri, params.kernel_id)
+
+    def _bound(self, uri: str) -> tuple[Kernel, TextDocument] | None:
+        """The kernel bound to an open document, and the document; None answers empty at once."""
+        kernel_id = self.bindings.kernel_id(uri)
+        if kernel_id is None or uri not in self.workspace.text_documents:
+            return None
+        try:
+            kernel = self.sandboxes.kernel(kernel_id)
+        except errors.KernelNotFound:
+            return None
+        return kernel, self.workspace.get_text_document(uri)
 
     async def build_image(self, params: t.BuildImageParams) -> t.BuildImageResult:
         client = await self.docker.client()

@@ -71,3 +71,13 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def kernel_argv(python: str, connection_file: str) -> list[str]:
+    """How a sandbox starts an IPython kernel.
+
+    Completion uses IPython's own completer, which completes the live objects of the kernel's
+    namespace (what an editor bound to it wants); jedi's static analysis is slow to start and
+    returns nothing with some IPython and jedi versions.
+    """
+    return [python, "-m", "ipykernel_launcher", "-f", connection_file, "--IPCompleter.use_jedi=False"]

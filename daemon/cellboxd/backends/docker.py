@@ -31,7 +31,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from cellbox import errors
 from cellbox import types as t
-from cellboxd.backends.base import KernelLaunch, OnLine, RunResult
+from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_argv
 from cellboxd.backends.forward import PortForward
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class DockerSandbox:
             connection_file=str(self.root / "kernels" / f"{kernel_id}.host.json"),
         )
         km._kernel_spec = KernelSpec(
-            argv=[PYTHON, "-m", "ipykernel_launcher", "-f", f"{CONNECTIONS}/{kernel_id}.json"],
+            argv=kernel_argv(PYTHON, f"{CONNECTIONS}/{kernel_id}.json"),
             display_name="cellbox",
             language="python",
             # over the control channel: a signal would need a `docker exec` round trip first

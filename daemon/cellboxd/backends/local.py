@@ -24,7 +24,7 @@ from typing import BinaryIO
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
-from cellboxd.backends.base import KernelLaunch, OnLine, RunResult
+from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_argv
 
 _LINE_LIMIT = 1 << 20  # bytes of one output line passed to `on_line`
 _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
@@ -99,7 +99,7 @@ class LocalSandbox:
             connection_file=str(self.root / "kernels" / f"{kernel_id}.json"),
         )
         km._kernel_spec = KernelSpec(
-            argv=[self.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            argv=kernel_argv(self.python, "{connection_file}"),
             display_name="cellbox",
             language="python",
             interrupt_mode="signal",
