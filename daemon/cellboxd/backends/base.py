@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
+from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
 OnLine = Callable[[str], None]
@@ -73,11 +74,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def kernel_argv(python: str, connection_file: str) -> list[str]:
-    """How a sandbox starts an IPython kernel.
+def kernel_manager(
+    python: str, kernel_file: str, *, interrupt_mode: str, **kwargs: Any
+) -> AsyncKernelManager:
+    """A jupyter_client manager for an IPython kernel run by `python`, which reads its
+    connection file at `kernel_file` (as the sandbox sees it).
 
     Completion uses IPython's own completer, which completes the live objects of the kernel's
     namespace (what an editor bound to it wants); jedi's static analysis is slow to start and
     returns nothing with some IPython and jedi versions.
     """
-    return [python, "-m", "ipykernel_launcher", "-f", connection_file, "--IPCompleter.use_jedi=False"]
+    km = AsyncKernelManager(kernel_name="cellbox", **kwargs)
+    km._kernel_spec = KernelSpec(
+        argv=[python, "-m", "ipykernel_launcher", "-f", kernel_file, "--IPCompleter.use_jedi=False"],
+        display_name="cellbox",
+        language="python",
+        interrupt_mode=interrupt_mode,
+    )
+    return km

@@ -25,13 +25,12 @@ from typing import Any, BinaryIO
 import docker
 import docker.errors
 from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from cellbox import errors
 from cellbox import types as t
-from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_argv
+from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_manager
 from cellboxd.backends.forward import PortForward
 
 log = logging.getLogger(__name__)
@@ -171,17 +170,13 @@ class DockerSandbox:
         slot = self._slots[kernel_id] = free[0]
         container_ports = [_PORT_BASE + 5 * slot + i for i in range(5)]
         host_ports = [self._ports[p] for p in container_ports] if self._forward is None else []
-        km = AsyncKernelManager(
-            kernel_name="cellbox",
-            ip="127.0.0.1",
-            connection_file=str(self.root / "kernels" / f"{kernel_id}.host.json"),
-        )
-        km._kernel_spec = KernelSpec(
-            argv=kernel_argv(PYTHON, f"{CONNECTIONS}/{kernel_id}.json"),
-            display_name="cellbox",
-            language="python",
+        km = kernel_manager(
+            PYTHON,
+            f"{CONNECTIONS}/{kernel_id}.json",
             # over the control channel: a signal would need a `docker exec` round trip first
             interrupt_mode="message",
+            ip="127.0.0.1",
+            connection_file=str(self.root / "kernels" / f"{kernel_id}.host.json"),
         )
         log_path = self.root / "kernels" / f"{kernel_id}.log"
         log_file = log_path.open("ab")

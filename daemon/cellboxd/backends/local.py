@@ -21,10 +21,7 @@ import venv
 from pathlib import Path
 from typing import BinaryIO
 
-from jupyter_client.kernelspec import KernelSpec
-from jupyter_client.manager import AsyncKernelManager
-
-from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_argv
+from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_manager
 
 _LINE_LIMIT = 1 << 20  # bytes of one output line passed to `on_line`
 _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
@@ -92,17 +89,13 @@ class LocalSandbox:
 
     def kernel_launch(self, kernel_id: str) -> KernelLaunch:
         # IPC sockets in a private folder: no TCP ports, and no other user can connect
-        km = AsyncKernelManager(
-            kernel_name="cellbox",
+        km = kernel_manager(
+            self.python,
+            "{connection_file}",
+            interrupt_mode="signal",
             transport="ipc",
             ip=str(self._sockets / kernel_id),
             connection_file=str(self.root / "kernels" / f"{kernel_id}.json"),
-        )
-        km._kernel_spec = KernelSpec(
-            argv=kernel_argv(self.python, "{connection_file}"),
-            display_name="cellbox",
-            language="python",
-            interrupt_mode="signal",
         )
         log_path = self.root / "kernels" / f"{kernel_id}.log"
         log = log_path.open("ab")
