@@ -256,7 +256,12 @@ class KernelStatusNotification(Struct):
 class ErrorData(Struct):
     """`error.data` of application errors; which fields are set depends on the code."""
 
-    log: str | None = None
-    module: str | None = None
-    line: str | None = None
-    result: ExecuteResult | None = None
+    log: str | None = None  # InstallFailed, BuildFailed: the installer's or the build's output
+    module: str | None = None  # ModuleNotFound: the first module not found
+    line: str | None = None  # InvalidDependencies: the offending line, and its number
+    line_number: int | None = None
+    result: ExecuteResult | None = None  # -32800 of a cancelled execute: the partial result
+    sandbox_id: str | None = None  # SandboxNotFound
+    kernel_id: str | None = None  # KernelNotFound, KernelDied
+    backend: Backend | None = None  # BackendUnavailable
+    image: str | None = None  # ImageNotFound
