@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _POLL_BUSY = 0.05  # seconds between liveness checks while an execution runs
 _POLL_IDLE = 1.0
+_CHUNK = 1 << 20  # characters of output per notification, at the most
 
 
 class Kernel:
@@ -41,6 +43,7 @@ class Kernel:
         interrupt_grace: float,
         start_timeout: float,
         notify: Notify,
+        drain: Callable[[], Awaitable[None]],
         name: str | None = None,
     ) -> None:
         self.kernel_id = kernel_id
@@ -56,6 +59,7 @@ class Kernel:
         self._grace = interrupt_grace
         self._start_timeout = start_timeout
         self._notify = notify
+        self._drain = drain
         self._queue = asyncio.Lock()
         self._lifecycle = asyncio.Lock()  # one restart or shutdown at a time
         self._current: Execution | None = None
@@ -292,7 +296,17 @@ class Kernel:
                     self._set_state(state)
             execution = self._current
             if execution is not None and msg["parent_header"].get("msg_id") == self._current_msg_id:
-                execution.on_iopub(msg_type, content)
+                text = content.get("text")
+                if msg_type == "stream" and isinstance(text, str) and len(text) > _CHUNK:
+                    # a huge output goes out in pieces, each only once the client took the last
+                    for start in range(0, len(text), _CHUNK):
+                        execution.on_iopub(msg_type, {**content, "text": text[start : start + _CHUNK]})
+                        await self._drain()
+                else:
+                    execution.on_iopub(msg_type, content)
+            # a client that reads slowly slows the reading of the kernel's output, and the
+            # daemon holds no more than the writer's high-water mark
+            await self._drain()
 
     async def _read_shell(self, kc: AsyncKernelClient) -> None:
         channel = kc.shell_channel

@@ -9,7 +9,7 @@ import functools
 import logging
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cellbox import errors
@@ -44,8 +44,15 @@ class Sandbox:
 
 
 class SandboxManager:
-    def __init__(self, settings: Callable[[], Settings], notify: Notify, docker: DockerEngine) -> None:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        notify: Notify,
+        drain: Callable[[], Awaitable[None]],
+        docker: DockerEngine,
+    ) -> None:
         self._settings = settings
+        self._drain = drain
         self.docker = docker
         self._notify = notify
         self._sandboxes: dict[str, Sandbox] = {}
@@ -149,6 +156,7 @@ class SandboxManager:
             interrupt_grace=settings.interrupt_grace,
             start_timeout=settings.kernel_start_timeout,
             notify=self._notify,
+            drain=self._drain,
             name=params.name,
         )
         sandbox.kernels[kernel_id] = kernel

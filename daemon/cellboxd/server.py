@@ -40,7 +40,9 @@ class CellboxServer(LanguageServer):
         super().__init__("cellbox", __version__, protocol_cls=CellboxProtocol)
         self.settings = settings
         self.docker = DockerEngine(daemon_id=uuid.uuid4().hex)
-        self.sandboxes = SandboxManager(lambda: self.settings, self.protocol.send_notification, self.docker)
+        self.sandboxes = SandboxManager(
+            lambda: self.settings, self.protocol.send_notification, self._drain, self.docker
+        )
         self._background: set[asyncio.Task[Any]] = set()
         self.protocol.on_initialize = self._on_initialize
 
@@ -105,6 +107,10 @@ class CellboxServer(LanguageServer):
             self._spawn(self.docker.sweep_orphans())
         result.capabilities.experimental = {"cellbox": msgspec.to_builtins(capabilities)}
         log.info("initialized by %s", params.client_info.name if params.client_info else "a client")
+
+    async def _drain(self) -> None:
+        if isinstance(writer := self.protocol.writer, Writer):
+            await writer.drain()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Runs background work whose failure is logged, not lost."""

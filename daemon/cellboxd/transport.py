@@ -53,46 +53,70 @@ class _ErrorResponse(msgspec.Struct, kw_only=True):
     error: _ErrorBody
 
 
-def frame(body: bytes) -> bytes:
-    return b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
-
-
 class Writer:
-    """Writes frames to stdout without blocking the event loop where the OS allows it."""
+    """Writes frames to stdout without blocking the event loop where the OS allows it.
 
-    def __init__(self, transport: asyncio.WriteTransport | None, stream: BinaryIO | None) -> None:
-        self._transport = transport
-        self._stream = stream
+    Its buffer is bounded by flow control: past `HIGH_WATER` bytes not yet taken by the
+    client, `drain()` waits, and the kernels' output readers wait with it.
+    """
+
+    HIGH_WATER = 4 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._transport: asyncio.WriteTransport | None = None
+        self._stream: BinaryIO | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
         self.closed = False
 
     @classmethod
     async def open(cls, fd: int, on_lost: Callable[[], None]) -> Writer:
         loop = asyncio.get_running_loop()
         stream = os.fdopen(fd, "wb", buffering=0)
+        writer = cls()
 
         class _Protocol(asyncio.BaseProtocol):
+            def pause_writing(self) -> None:
+                writer._can_write.clear()
+
+            def resume_writing(self) -> None:
+                writer._can_write.set()
+
             def connection_lost(self, exc: Exception | None) -> None:
+                writer.closed = True
+                writer._can_write.set()
                 on_lost()
 
         try:
             transport, _ = await loop.connect_write_pipe(_Protocol, stream)
         except (ValueError, OSError):  # a regular file: plain blocking writes
-            return cls(None, stream)
-        return cls(transport, None)
+            writer._stream = stream
+        else:
+            transport.set_write_buffer_limits(high=cls.HIGH_WATER)
+            writer._transport = transport
+        return writer
 
-    def write(self, data: bytes) -> None:
+    def write(self, body: bytes) -> None:
+        """Writes one frame; header and body go separately, so a large body is not copied."""
         if self.closed:
             return
+        header = b"Content-Length: %d\r\n\r\n" % len(body)
         try:
             if self._transport is not None:
                 if self._transport.is_closing():
                     self.closed = True
                     return
-                self._transport.write(data)
+                self._transport.write(header)
+                self._transport.write(body)
             elif self._stream is not None:
-                self._stream.write(data)
+                self._stream.write(header)
+                self._stream.write(body)
         except (BrokenPipeError, ConnectionResetError, ValueError):
             self.closed = True
+
+    async def drain(self) -> None:
+        """Waits while the client is behind by more than the high-water mark."""
+        await self._can_write.wait()
 
     def close(self) -> None:
         self.closed = True
@@ -123,7 +147,7 @@ class CellboxProtocol(LanguageServerProtocol):
         except (TypeError, ValueError):
             log.exception("cannot encode an outgoing message")
             return
-        self.writer.write(frame(body))
+        self.writer.write(body)
 
     def notify(self, method: str, params: Any | None = None) -> None:
         if hasattr(params, "__attrs_attrs__"):
@@ -133,12 +157,12 @@ class CellboxProtocol(LanguageServerProtocol):
     def send_notification(self, method: str, params: Any) -> None:
         """The fast path: one msgspec encode, one write."""
         if self.writer is not None:
-            self.writer.write(frame(_encoder.encode(_Notification(method=method, params=params))))
+            self.writer.write(_encoder.encode(_Notification(method=method, params=params)))
 
     def send_error(self, msg_id: int | str | None, code: int, message: str, data: Any = None) -> None:
         if self.writer is not None:
             body = _encoder.encode(_ErrorResponse(id=msg_id, error=_ErrorBody(code, message, data)))
-            self.writer.write(frame(body))
+            self.writer.write(body)
 
     # -- lifecycle --------------------------------------------------------------------------
 

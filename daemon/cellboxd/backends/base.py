@@ -74,6 +74,29 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# Run in each kernel at start: ipykernel sends what a cell prints every 0.2 s however much
+# it is, so a cell that prints fast makes messages of many MB, which the daemon must hold
+# whole. Flushing every MiB bounds them, and slows a flooding cell to the pace of its reader.
+_BOUNDED_STREAMS = (
+    "import sys as _s\n"
+    "def _cellbox_bound(stream, limit=1 << 20):\n"
+    "    write, count = stream.write, [0]\n"
+    "    def bounded(text):\n"
+    "        for start in range(0, max(len(text), 1), limit):\n"
+    "            piece = text[start : start + limit]\n"
+    "            write(piece)\n"
+    "            count[0] += len(piece)\n"
+    "            if count[0] >= limit:\n"
+    "                count[0] = 0\n"
+    "                stream.flush()\n"
+    "        return len(text)\n"
+    "    stream.write = bounded\n"
+    "for _stream in (_s.stdout, _s.stderr):\n"
+    "    _cellbox_bound(_stream)\n"
+    "del _s, _stream, _cellbox_bound"
+)
+
+
 def kernel_manager(
     python: str, kernel_file: str, *, interrupt_mode: str, **kwargs: Any
 ) -> AsyncKernelManager:
@@ -86,7 +109,15 @@ def kernel_manager(
     """
     km = AsyncKernelManager(kernel_name="cellbox", **kwargs)
     km._kernel_spec = KernelSpec(
-        argv=[python, "-m", "ipykernel_launcher", "-f", kernel_file, "--IPCompleter.use_jedi=False"],
+        argv=[
+            python,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            kernel_file,
+            "--IPCompleter.use_jedi=False",
+            f"--IPKernelApp.exec_lines={_BOUNDED_STREAMS}",
+        ],
         display_name="cellbox",
         language="python",
         interrupt_mode=interrupt_mode,
