@@ -1,0 +1,147 @@
+// The parts of cellbox's wire protocol (protocol/schema.json) that the extension uses.
+
+export const Methods = {
+  createSandbox: 'cellbox/createSandbox',
+  destroySandbox: 'cellbox/destroySandbox',
+  startKernel: 'cellbox/startKernel',
+  shutdownKernel: 'cellbox/shutdownKernel',
+  interruptKernel: 'cellbox/interruptKernel',
+  restartKernel: 'cellbox/restartKernel',
+  execute: 'cellbox/execute',
+  installPackage: 'cellbox/installPackage',
+  getSkillSources: 'cellbox/getSkillSources',
+  buildImage: 'cellbox/buildImage',
+  listImages: 'cellbox/listImages',
+  bindDocument: 'cellbox/bindDocument',
+} as const;
+
+export const Notifications = {
+  output: 'cellbox/output',
+  display: 'cellbox/display',
+  kernelStatus: 'cellbox/kernelStatus',
+} as const;
+
+/** JSON-RPC error code of a cancelled request; a cancelled execute's partial result is in `data.result`. */
+export const REQUEST_CANCELLED = -32800;
+
+export type Backend = 'local' | 'docker';
+export type Variant = 'minimal' | 'basic' | 'example';
+export const VARIANTS: readonly Variant[] = ['minimal', 'basic', 'example'];
+export type KernelState = 'starting' | 'idle' | 'busy' | 'restarting' | 'dead';
+export type ExecuteStatus = 'ok' | 'error' | 'timeout' | 'cancelled' | 'died';
+export type ProgressToken = number | string;
+
+/** `capabilities.experimental.cellbox` of the `initialize` result. */
+export interface CellboxCapabilities {
+  protocolVersion: number;
+  backends: Backend[];
+  defaultBackend: Backend;
+}
+
+export interface CreateSandboxParams {
+  backend?: Backend;
+  image?: string;
+  workDoneToken?: ProgressToken;
+}
+
+export interface CreateSandboxResult {
+  sandboxId: string;
+  backend: Backend;
+  workspace: string;
+  image?: string;
+}
+
+export interface StartKernelResult {
+  kernelId: string;
+  sandboxId: string;
+}
+
+export interface ErrorInfo {
+  ename: string;
+  evalue: string;
+  traceback: string[];
+}
+
+/** MIME bundle: binary types are base64 strings, text types strings (or JSON for application/json). */
+export type MimeBundle = Record<string, unknown>;
+
+export interface Output {
+  data: MimeBundle;
+  metadata: Record<string, unknown>;
+  path?: string | null;
+}
+
+export interface ExecuteResult {
+  executionId: string;
+  status: ExecuteStatus;
+  text: string;
+  outputs: Output[];
+  truncated: boolean;
+  executionCount?: number | null;
+  error?: ErrorInfo | null;
+}
+
+export interface InstalledPackage {
+  name: string;
+  version: string;
+}
+
+export interface InstallPackageResult {
+  installed: InstalledPackage[];
+}
+
+export interface GetSkillSourcesResult {
+  sources: Record<string, string>;
+  formatted: string;
+}
+
+export interface BuildImageParams {
+  tag?: string;
+  variant?: Variant;
+  workDoneToken?: ProgressToken;
+}
+
+export interface BuildImageResult {
+  tag: string;
+  imageId: string;
+  built: boolean;
+}
+
+export interface ImageInfo {
+  tag: string;
+  imageId: string;
+  createdAt: string;
+  variant?: Variant | null;
+}
+
+export interface ListImagesResult {
+  images: ImageInfo[];
+}
+
+export interface OutputNotification {
+  executionId: string;
+  kernelId: string;
+  stream: 'stdout' | 'stderr';
+  text: string;
+}
+
+export interface DisplayNotification {
+  executionId: string;
+  kernelId: string;
+  data: MimeBundle;
+  metadata: Record<string, unknown>;
+  path?: string | null;
+}
+
+export interface KernelStatusNotification {
+  kernelId: string;
+  state: KernelState;
+}
+
+/** The value of a `$/progress` notification for a work-done token. */
+export interface WorkDoneProgress {
+  kind: 'begin' | 'report' | 'end';
+  title?: string;
+  message?: string;
+  percentage?: number;
+}

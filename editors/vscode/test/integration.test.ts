@@ -1,0 +1,223 @@
+// The extension's Session against the real daemon, over stdio through vscode-jsonrpc, as the
+// LanguageClient drives it in VS Code. Each test starts and stops its own daemon.
+
+import assert from 'node:assert/strict';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { pathToFileURL } from 'node:url';
+import { findCells } from '../src/cells';
+import { cellLabel, imagesHtml, Transcript, type ImageView } from '../src/messages';
+import type { DisplayNotification, OutputNotification, WorkDoneProgress } from '../src/protocol';
+import { cellboxCapabilities, Session } from '../src/session';
+import { withDaemon } from './daemon';
+
+const TIMEOUT = { timeout: 180_000 };
+const PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==';
+
+interface CompletionItem {
+  label: string;
+  textEdit?: { range: unknown; newText: string };
+}
+
+test('initialize advertises cellbox, completion on "." and hover', TIMEOUT, () =>
+  withDaemon(async ({ initializeResult }) => {
+    const cellbox = cellboxCapabilities(initializeResult);
+    assert.equal(cellbox?.protocolVersion, 1);
+    assert.ok(cellbox?.backends.includes('local'));
+    const { capabilities } = initializeResult as {
+      capabilities: { completionProvider?: { triggerCharacters?: string[] }; hoverProvider?: unknown };
+    };
+    assert.deepEqual(capabilities.completionProvider?.triggerCharacters, ['.']);
+    assert.ok(capabilities.hoverProvider);
+  }),
+);
+
+test('output streams live and in order, before the result', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const session = new Session(connection, () => ({ backend: 'local', timeout: 60 }));
+    const creating: WorkDoneProgress[] = [];
+    const { sandbox } = await session.start((value) => creating.push(value));
+    assert.equal(sandbox.backend, 'local');
+    assert.deepEqual([creating[0].kind, creating.at(-1)?.kind], ['begin', 'end']);
+
+    const events: { what: string; at: number }[] = [];
+    const code = [
+      'import sys, time',
+      'for i in range(3):',
+      '    print(f"line {i}", flush=True)',
+      '    time.sleep(0.3)',
+      'print("careful", file=sys.stderr, flush=True)',
+      '"done"',
+    ].join('\n');
+    const result = await session.execute(code, {
+      onOutput: (n: OutputNotification) => events.push({ what: `${n.stream}: ${n.text}`, at: Date.now() }),
+      onDisplay: (n: DisplayNotification) => events.push({ what: `display: ${String(n.data['text/plain'])}`, at: Date.now() }),
+    });
+    const resultAt = Date.now();
+    assert.equal(result.status, 'ok');
+    assert.equal(result.text, "line 0\nline 1\nline 2\ncareful\n'done'\n");
+    const stdout = events.filter((e) => e.what.startsWith('stdout: ')).map((e) => e.what.slice(8));
+    assert.equal(stdout.join(''), 'line 0\nline 1\nline 2\n');
+    assert.deepEqual(
+      events.filter((e) => !e.what.startsWith('stdout: ')).map((e) => e.what),
+      ['stderr: careful\n', "display: 'done'"],
+    );
+    // Live: the first line arrived while the cell still slept, not with the result.
+    assert.ok(resultAt - events[0].at >= 500, `first output ${resultAt - events[0].at} ms before the result`);
+  }),
+);
+
+test('two cells through the Output channel transcript: a value, then an error with its traceback', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const session = new Session(connection, () => ({ backend: 'local' }));
+    const cells = findCells("# %% Greeting\nprint('hello')\n6 * 7\n\n# %%\n1/0\n");
+    let channel = '';
+    const results = [];
+    for (const cell of cells) {
+      const transcript = new Transcript((text) => (channel += text));
+      transcript.begin(cellLabel('demo.py', cell));
+      const result = await session.execute(cell.code, {
+        onOutput: (n) => transcript.output(n),
+        onDisplay: (n) => transcript.display(n),
+      });
+      transcript.end(result);
+      results.push(result);
+    }
+    const [ok, error] = results;
+    assert.equal(ok.status, 'ok');
+    assert.equal(error.status, 'error');
+    assert.equal(error.executionCount, 2);
+    assert.equal(error.error?.ename, 'ZeroDivisionError');
+    assert.equal(error.error?.evalue, 'division by zero');
+    assert.equal(error.error?.traceback.at(-1), 'ZeroDivisionError: division by zero');
+    assert.ok(error.error?.traceback.some((chunk) => chunk.includes('1/0')));
+    const [first, second] = channel.split(/(?=^>>> )/m);
+    assert.equal(first, '>>> demo.py: cell 1 "Greeting" (lines 1-4)\nhello\n42\n✓ [1] ok\n');
+    assert.match(second, /^>>> demo\.py: cell 2 \(lines 5-7\)\n-+\nZeroDivisionError +Traceback/);
+    assert.match(second, /----> 1 1\/0\n[\s\S]*\nZeroDivisionError: division by zero\n✗ \[2\] error: ZeroDivisionError: division by zero\n$/);
+  }),
+);
+
+test('an image display becomes a panel image, with the file the daemon saved', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const session = new Session(connection, () => ({ backend: 'local' }));
+    const { sandbox } = await session.start();
+    let channel = '';
+    const transcript = new Transcript((text) => (channel += text));
+    const images: ImageView[] = [];
+    const result = await session.execute(
+      `from base64 import b64decode\nfrom IPython.display import Image, display\ndisplay(Image(data=b64decode("${PNG}")))`,
+      {
+        onDisplay: (n) => {
+          const image = transcript.display(n);
+          if (image) images.push(image);
+        },
+      },
+    );
+    assert.equal(result.status, 'ok', JSON.stringify(result.error));
+    assert.equal(images.length, 1);
+    const [image] = images;
+    assert.deepEqual([image.mime, image.base64], ['image/png', PNG]);
+    assert.equal(image.path, join(sandbox.workspace, 'images', `${result.executionId}-1.png`));
+    assert.deepEqual(readFileSync(image.path!), Buffer.from(PNG, 'base64'));
+    assert.equal(channel, `[image/png] ${image.path}\n`);
+    assert.ok(imagesHtml(images).includes(`src="data:image/png;base64,${PNG}"`));
+  }),
+);
+
+test('interrupt cancels the running execution and the queued one; the kernel goes on', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const session = new Session(connection, () => ({ backend: 'local' }));
+    await session.start();
+    let started: () => void = () => undefined;
+    const sleeping = new Promise<void>((resolve) => (started = resolve));
+    const outputs: Record<string, string> = { sleeper: '', queued: '' };
+    const sleeper = session.execute('print("asleep", flush=True)\nimport time\ntime.sleep(60)', {
+      onOutput: (n) => {
+        outputs.sleeper += n.text;
+        started();
+      },
+    });
+    const queued = session.execute('print("queued ran")', { onOutput: (n) => (outputs.queued += n.text) });
+    await sleeping;
+    await session.interrupt();
+    const [a, b] = await Promise.all([sleeper, queued]);
+    assert.deepEqual([a.status, a.text, outputs.sleeper], ['cancelled', 'asleep\n', 'asleep\n']);
+    assert.equal(b.status, 'cancelled');
+    assert.equal(outputs.queued, '');
+    const after = await session.execute('print("still here")');
+    assert.deepEqual([after.status, after.text], ['ok', 'still here\n']);
+  }),
+);
+
+test('install cowsay==6.1 with progress; the kernel imports it at once', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const session = new Session(connection, () => ({ backend: 'local' }));
+    const progress: WorkDoneProgress[] = [];
+    const { installed } = await session.install(['cowsay==6.1'], (value) => progress.push(value));
+    assert.deepEqual(installed, [{ name: 'cowsay', version: '6.1' }]);
+    assert.equal(progress[0].kind, 'begin');
+    assert.match(progress[0].title ?? '', /cowsay==6\.1/);
+    assert.ok(progress.some((p) => p.kind === 'report' && p.message), 'no progress messages');
+    assert.deepEqual(progress.at(-1), { kind: 'end', message: 'done' });
+    const result = await session.execute('import cowsay\ncowsay.cow("moo")');
+    assert.equal(result.status, 'ok', JSON.stringify(result.error));
+    assert.match(result.text, /moo/);
+  }),
+);
+
+test('skill sources of a module in the workspace skills/ folder', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const session = new Session(connection, () => ({ backend: 'local' }));
+    const { sandbox } = await session.start();
+    const source = 'def greet(name):\n    """Greets someone."""\n    return f"hello {name}"\n';
+    mkdirSync(join(sandbox.workspace, 'skills'), { recursive: true });
+    writeFileSync(join(sandbox.workspace, 'skills', 'greetings.py'), source);
+    const { sources, formatted } = await session.skillSources(['greetings']);
+    assert.deepEqual(sources, { greetings: source });
+    assert.ok(formatted.includes(source), formatted);
+    assert.match(formatted, /greetings/);
+  }),
+);
+
+test('completion and hover of a name an earlier cell defined, in a bound document', TIMEOUT, () =>
+  withDaemon(async ({ connection, home }) => {
+    const session = new Session(connection, () => ({ backend: 'local' }));
+    assert.equal((await session.execute('my_variable_xyz = 42')).status, 'ok');
+    const uri = pathToFileURL(join(home, 'demo.py')).href;
+    const textDocument = { uri, version: 1 };
+    await connection.sendNotification('textDocument/didOpen', {
+      textDocument: { ...textDocument, languageId: 'python', text: 'x = 1\n' },
+    });
+    // Incremental sync, as the daemon asks for (textDocumentSync.change 2).
+    await connection.sendNotification('textDocument/didChange', {
+      textDocument: { uri, version: 2 },
+      contentChanges: [{ range: { start: { line: 1, character: 0 }, end: { line: 1, character: 0 } }, text: 'my_vari' }],
+    });
+    await session.bind(uri);
+    const completion = await connection.sendRequest<{ items: CompletionItem[] } | CompletionItem[]>(
+      'textDocument/completion',
+      { textDocument: { uri }, position: { line: 1, character: 7 } },
+    );
+    const items = Array.isArray(completion) ? completion : completion.items;
+    const item = items.find((i) => i.label === 'my_variable_xyz');
+    assert.ok(item, `no my_variable_xyz among ${JSON.stringify(items.map((i) => i.label))}`);
+    assert.deepEqual(item.textEdit, {
+      range: { start: { line: 1, character: 0 }, end: { line: 1, character: 7 } },
+      newText: 'my_variable_xyz',
+    });
+
+    await connection.sendNotification('textDocument/didChange', {
+      textDocument: { uri, version: 3 },
+      contentChanges: [{ range: { start: { line: 1, character: 7 }, end: { line: 1, character: 7 } }, text: 'able_xyz' }],
+    });
+    const hover = await connection.sendRequest<{ contents: { kind: string; value: string } } | null>(
+      'textDocument/hover',
+      { textDocument: { uri }, position: { line: 1, character: 3 } },
+    );
+    assert.ok(hover, 'no hover');
+    assert.match(hover.contents.value, /int/);
+    await connection.sendNotification('textDocument/didClose', { textDocument: { uri } });
+  }),
+);
