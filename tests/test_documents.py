@@ -51,8 +51,8 @@ def test_names_from_earlier_executions_complete(shared_daemon: Daemon) -> None:
 
     members = {i["label"]: i for i in _complete(d, 2, 15)["items"]}
     assert members["most_common"]["textEdit"] == {
-        "range": {"start": {"line": 2, "character": 0}, "end": {"line": 2, "character": 15}},
-        "newText": "my_counter.most_common",
+        "range": {"start": {"line": 2, "character": 11}, "end": {"line": 2, "character": 15}},
+        "newText": "most_common",
     }
 
     # the document changes (incremental sync); completion follows the new text

@@ -60,23 +60,26 @@ async def complete(kernel: Kernel, document: TextDocument, position: lsp.Positio
     if reply is None or reply.get("status") != "ok":
         return EMPTY
     start, end = reply.get("cursor_start", 0), reply.get("cursor_end", 0)
-    edit_range = lsp.Range(_position(document, start), _position(document, end))
     types: dict[str, str] = {
         item["text"]: item.get("type", "")
         for item in reply.get("metadata", {}).get("_jupyter_types_experimental", [])
         if isinstance(item, dict) and "text" in item
     }
+    matches = [m for m in reply.get("matches", []) if isinstance(m, str)]
+    # `df.co` completes to `df.columns`: replace only what follows the dot, as editors expect
+    # (`columns` for `co`), when every match keeps the part before it
+    head, dot, _ = code[start:end].rpartition(".")
+    cut = len(head) + 1 if dot and all(m.startswith(head + ".") for m in matches) else 0
+    edit_range = lsp.Range(_position(document, start + cut), _position(document, end))
     items = [
         lsp.CompletionItem(
-            label=_label(match, types.get(match, "")),
+            label=match[cut:],
             kind=_KINDS.get(types.get(match, "")),
             detail=types.get(match) or None,
             sort_text=f"{rank:05d}",  # the kernel's order
-            filter_text=match,
-            text_edit=lsp.TextEdit(edit_range, match),
+            text_edit=lsp.TextEdit(edit_range, match[cut:]),
         )
-        for rank, match in enumerate(reply.get("matches", []))
-        if isinstance(match, str)
+        for rank, match in enumerate(matches)
     ]
     return lsp.CompletionList(is_incomplete=False, items=items)
 
@@ -87,12 +90,6 @@ def _position(document: TextDocument, offset: int) -> lsp.Position:
     line = before.count("\n")
     column = offset - (before.rfind("\n") + 1)
     return document.position_to_client_units(ServerTextPosition(line, column))
-
-
-def _label(match: str, kind: str) -> str:
-    """`df.columns` is shown as `columns`: the kernel replaces the whole dotted name."""
-    head, dot, tail = match.rpartition(".")
-    return tail if dot and head and kind != "path" and tail.isidentifier() else match
 
 
 async def hover(kernel: Kernel, document: TextDocument, position: lsp.Position) -> lsp.Hover | None:

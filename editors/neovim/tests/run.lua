@@ -1,0 +1,337 @@
+-- Headless test of the cellbox plugin against a real daemon; from the repository's root:
+--   nvim --headless --clean -u NONE -c 'set rtp+=editors/neovim' -c 'luafile editors/neovim/tests/run.lua'
+-- The daemon's command is $CELLBOX_SERVE split on spaces (default `python3 -m cellboxd serve`).
+-- Exits 0 after printing "cellbox-neovim: N passed", 1 after printing the first failure.
+
+local WAIT_MS = 90000 -- a first kernel may take a while to start
+
+vim.cmd("runtime! plugin/cellbox.lua") -- -u NONE loads no plugins
+local cells = require("cellbox.cells")
+local cellbox = require("cellbox")
+
+local passed = 0
+
+-- A failed check raises a table, so that the report shows it without a Lua traceback.
+local function check(ok, what)
+  if not ok then
+    error({ failed = what })
+  end
+  passed = passed + 1
+end
+
+local function eq(actual, expected, what)
+  check(
+    vim.deep_equal(actual, expected),
+    string.format("%s: expected %s, got %s", what, vim.inspect(expected), vim.inspect(actual))
+  )
+end
+
+local notes = {}
+
+-- Notifications are recorded, so that the test can see the errors the plugin reports.
+vim.notify = function(message, level)
+  table.insert(notes, { message = message, level = level })
+end
+
+local function buffer_named(name)
+  for _, buf in ipairs(vim.api.nvim_list_bufs()) do
+    if vim.api.nvim_buf_get_name(buf) == name then
+      return buf
+    end
+  end
+end
+
+local function lines_of(name)
+  local buf = buffer_named(name)
+  return buf and vim.api.nvim_buf_get_lines(buf, 0, -1, false) or {}
+end
+
+local function count_lines(name, pattern)
+  local n = 0
+  for _, line in ipairs(lines_of(name)) do
+    if line:find(pattern) then
+      n = n + 1
+    end
+  end
+  return n
+end
+
+local function has_line(name, line)
+  return vim.tbl_contains(lines_of(name), line)
+end
+
+local function cellbox_client()
+  for _, client in ipairs((vim.lsp.get_clients or vim.lsp.get_active_clients)()) do
+    if client.name == "cellbox" then
+      return client
+    end
+  end
+end
+
+local function test_cells()
+  for _, marker in ipairs({ "# %%", "#%%", "# %% [markdown]", "# <codecell>", "# In[3]", "# In[ ]" }) do
+    check(cells.is_marker(marker), marker .. " is a cell marker")
+  end
+  for _, line in ipairs({ "x = 1  # %%", "  # %%", "# %", "print('# %%')" }) do
+    check(not cells.is_marker(line), line .. " is no cell marker")
+  end
+
+  local lines = { "import os", "# %%", "x = 41", "print('first')", "# %%", "print(x + 1)", "1/0" }
+  eq({ cells.cell_at(lines, 1) }, { 1, 1 }, "the first cell is what comes before the first marker")
+  eq({ cells.cell_at(lines, 2) }, { 3, 4 }, "a marker line runs the cell it opens")
+  eq({ cells.cell_at(lines, 4) }, { 3, 4 }, "a cell ends before the next marker")
+  eq({ cells.cell_at(lines, 7) }, { 6, 7 }, "the last cell ends with the buffer")
+  eq({ cells.cell_at({ "a", "b" }, 2) }, { 1, 2 }, "without markers the buffer is one cell")
+  eq({ cells.cell_at({ "a", "# %%" }, 2) }, { 3, 2 }, "a marker on the last line opens an empty cell")
+
+  eq({ cells.feed(nil, "a\nb") }, { { "a", "b" }, "b" }, "an unfinished line stays open")
+  eq({ cells.feed("b", "c\n") }, { { "bc" }, nil }, "a partial line is joined with the next chunk")
+  eq({ cells.feed(nil, "x\r\ny\r\n") }, { { "x", "y" }, nil }, "CRLF ends lines")
+  eq({ cells.feed("x\r", "\ny") }, { { "x", "y" }, "y" }, "a CRLF split across chunks is one line break")
+  eq({ cells.feed(nil, "10%\r20%\r") }, { { "20%" }, "10%\r20%\r" }, "a bare CR returns to the line's start")
+  eq({ cells.feed(nil, "\n\n") }, { { "", "" }, nil }, "empty lines are kept")
+  eq({ cells.feed(nil, "") }, { {}, nil }, "no text, no lines")
+
+  eq(
+    cells.display_lines({ ["image/png"] = "iVBOR", ["text/plain"] = "<Figure>" }, "/w/images/nvim-1-1.png"),
+    { "[display image/png → /w/images/nvim-1-1.png]" },
+    "an image is shown by its file"
+  )
+  eq(cells.display_lines({ ["text/plain"] = "(1,\n 2)" }), { "(1,", " 2)" }, "a value is shown by its text")
+  eq(
+    cells.display_lines({ ["text/html"] = "<b>" }),
+    { "[display text/html]" },
+    "other outputs by their MIME type"
+  )
+
+  eq(
+    cells.result_lines({ status = "ok", executionCount = 1, truncated = false }),
+    { "<<< ok [1]" },
+    "an ok result"
+  )
+  eq(
+    cells.result_lines({
+      status = "error",
+      executionCount = 2,
+      truncated = true,
+      error = {
+        ename = "ZeroDivisionError",
+        evalue = "division by zero",
+        traceback = { "---", "Cell In[2], line 1\n----> 1 1/0\n", "ZeroDivisionError: division by zero" },
+      },
+    }),
+    {
+      "---",
+      "Cell In[2], line 1",
+      "----> 1 1/0",
+      "",
+      "ZeroDivisionError: division by zero",
+      "<<< error [2] (output truncated)",
+    },
+    "an error shows its traceback's lines"
+  )
+  eq(
+    cells.result_lines({
+      status = "died",
+      truncated = false,
+      error = { ename = "KernelDied", evalue = "gone", traceback = {} },
+    }),
+    { "KernelDied: gone", "<<< died" },
+    "an error without a traceback shows its name and value"
+  )
+end
+
+local OUTPUT = "cellbox://output"
+
+-- The lines by which the plugin reports a failed request or a daemon that went away.
+local function problems()
+  return count_lines(OUTPUT, "^%[error%]")
+end
+
+local expected_problems = 0 -- the failed install reports one
+
+-- Waits until `predicate()`, or an unexpected problem is reported: that fails at once, not at the timeout.
+local function wait_for(what, predicate)
+  vim.wait(WAIT_MS, function()
+    return predicate() or problems() > expected_problems
+  end, 20)
+  check(predicate(), "waited in vain for " .. what .. "; notifications: " .. vim.inspect(notes))
+end
+
+local function wait_results(n)
+  wait_for(n .. " results in the output buffer", function()
+    return count_lines(OUTPUT, "^<<< ") == n
+  end)
+end
+
+-- A new named Python buffer, not backed by a file, holding `lines`.
+local function python_buffer(name, lines)
+  vim.cmd("enew")
+  local buf = vim.api.nvim_get_current_buf()
+  vim.bo[buf].buftype = "nofile"
+  vim.bo[buf].filetype = "python"
+  vim.api.nvim_buf_set_name(buf, vim.fn.tempname() .. "/" .. name)
+  vim.api.nvim_buf_set_lines(buf, 0, -1, false, lines)
+  return buf
+end
+
+-- The lines of a cell that writes a one-file wheel to `path`, so that an install needs no index.
+local function wheel_cell(path)
+  return {
+    "import zipfile",
+    "info = 'cellbox_nvim_demo-0.1.dist-info/'",
+    "files = {'cellbox_nvim_demo.py': 'ANSWER = 42\\n',",
+    "         info + 'METADATA': 'Metadata-Version: 2.1\\nName: cellbox-nvim-demo\\nVersion: 0.1\\n',",
+    "         info + 'WHEEL': 'Wheel-Version: 1.0\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n'}",
+    "files[info + 'RECORD'] = ''.join(name + ',,\\n' for name in [*files, info + 'RECORD'])",
+    "with zipfile.ZipFile('" .. path .. "', 'w') as wheel:",
+    "    for name, text in files.items():",
+    "        wheel.writestr(name, text)",
+  }
+end
+
+local PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
+local function test_session()
+  -- Neovim writes the daemon's stderr into its lsp.log.
+  vim.env.CELLBOX_LOG_LEVEL = vim.env.CELLBOX_LOG_LEVEL or "warning"
+  cellbox.setup({
+    cmd = vim.fn.split(vim.env.CELLBOX_SERVE or "python3 -m cellboxd serve", " "),
+    timeout = 60,
+  })
+
+  local buf = python_buffer("cells.py", { "# %%", "x = 41", "print('first')", "# %%", "print(x + 1)", "1/0" })
+  vim.api.nvim_win_set_cursor(0, { 2, 0 })
+  vim.cmd("CellboxRun")
+  wait_results(1)
+  check(has_line(OUTPUT, "first"), "the first cell's output is in the output buffer")
+  check(has_line(OUTPUT, "<<< ok [1]"), "the first cell's status")
+  check(count_lines(OUTPUT, "^>>> .*cells%.py:2%-3$") == 1, "the first cell's header names its lines")
+  check(vim.fn.bufwinid(buffer_named(OUTPUT)) ~= -1, "the output buffer is shown in a window")
+  eq(vim.bo[buf].omnifunc, "v:lua.vim.lsp.omnifunc", "the buffer's omnifunc")
+
+  vim.api.nvim_win_set_cursor(0, { 5, 0 })
+  vim.cmd("CellboxRun")
+  wait_results(2)
+  check(has_line(OUTPUT, "42"), "the second cell printed 42, seeing x from the first")
+  check(count_lines(OUTPUT, "Traceback %(most recent call last%)") == 1, "the traceback is shown")
+  check(has_line(OUTPUT, "ZeroDivisionError: division by zero"), "the traceback ends with the error")
+  check(count_lines(OUTPUT, "^<<< error %[2%]$") == 1, "the second cell's status")
+  local reported = vim.tbl_filter(function(note)
+    return note.level == vim.log.levels.ERROR and note.message:find("ZeroDivisionError", 1, true)
+  end, notes)
+  check(#reported == 1, "the cell's error is reported: " .. vim.inspect(notes))
+
+  vim.cmd("3CellboxRun")
+  wait_results(3)
+  check(count_lines(OUTPUT, "^first$") == 2, "a range runs its lines")
+  eq(#vim.fn.win_findbuf(buffer_named(OUTPUT)), 1, "windows showing the output buffer")
+
+  -- A second buffer shares the kernel.
+  local display = "display({'image/png': '" .. PNG .. "', 'text/plain': '<dot>'}, raw=True)"
+  python_buffer("displays.py", { "from IPython.display import display", display, "x + 13" })
+  vim.cmd("CellboxRun")
+  wait_results(4)
+  check(has_line(OUTPUT, "54"), "an expression's value is shown")
+  local image
+  for _, line in ipairs(lines_of(OUTPUT)) do
+    image = image or line:match("^%[display image/png → (.+%.png)%]$")
+  end
+  check(image and vim.fn.filereadable(image) == 1, "an image is shown by the file it was saved to")
+
+  vim.cmd("CellboxSources json")
+  wait_for("the sources buffer", function()
+    return has_line("cellbox://sources", "# Module: json")
+  end)
+  eq(vim.bo[buffer_named("cellbox://sources")].filetype, "markdown", "the sources buffer's filetype")
+
+  -- Completion comes from the kernel, where the first cell defined x = 41.
+  vim.api.nvim_buf_set_lines(buf, -1, -1, false, { "x.bi" })
+  local params = {
+    textDocument = { uri = vim.uri_from_bufnr(buf) },
+    position = { line = vim.api.nvim_buf_line_count(buf) - 1, character = 4 },
+  }
+  local responses = vim.lsp.buf_request_sync(buf, "textDocument/completion", params, 10000) or {}
+  local offered = {}
+  for _, response in pairs(responses) do
+    local result = response.result or {}
+    for _, item in ipairs(result.items or result) do
+      table.insert(offered, item.label)
+    end
+  end
+  check(
+    vim.tbl_contains(offered, "bit_length"),
+    "completion of x.bi offers bit_length (needs the daemon's bindDocument and completion); got "
+      .. vim.inspect({ responses = responses, notes = notes })
+  )
+
+  expected_problems = 1
+  vim.cmd("CellboxInstall --no-such-option")
+  wait_for("the failed install's report", function()
+    return count_lines(OUTPUT, "^%[error%] cellbox/installPackage failed: ") == 1
+  end)
+  check(notes[#notes].level == vim.log.levels.ERROR, "a request's error is notified as an error")
+
+  local wheel = vim.fn.tempname() .. "/cellbox_nvim_demo-0.1-py3-none-any.whl"
+  vim.fn.mkdir(vim.fn.fnamemodify(wheel, ":h"), "p")
+  python_buffer("wheel.py", wheel_cell(wheel))
+  vim.cmd("CellboxRunFile")
+  wait_results(5)
+  check(count_lines(OUTPUT, "^>>> .*wheel%.py$") == 1, "a file's header names it")
+  vim.cmd("CellboxInstall " .. wheel)
+  wait_for("the install", function()
+    return has_line(OUTPUT, "[installed cellbox-nvim-demo 0.1]")
+  end)
+
+  python_buffer(
+    "sleep.py",
+    { "import time, cellbox_nvim_demo", "print('sleeping', flush=True)", "time.sleep(60)" }
+  )
+  vim.cmd("CellboxRun")
+  wait_for("the cell to start", function()
+    return has_line(OUTPUT, "sleeping")
+  end)
+  vim.cmd("CellboxInterrupt")
+  wait_results(6)
+  check(count_lines(OUTPUT, "^KeyboardInterrupt:") == 1, "an interrupted cell ends with KeyboardInterrupt")
+
+  vim.cmd("CellboxRestart")
+  wait_for("the restart", function()
+    return has_line(OUTPUT, "[kernel restarted]")
+  end)
+  python_buffer("after.py", { "print('x' in globals())" })
+  vim.cmd("CellboxRun")
+  wait_results(7)
+  check(has_line(OUTPUT, "False"), "a restarted kernel starts afresh")
+end
+
+-- Stops the daemon and waits for its process to end.
+local function stop_daemon()
+  local client = cellbox_client()
+  if not client then
+    return true
+  end
+  cellbox.stop()
+  return vim.wait(15000, function()
+    return vim.lsp.get_client_by_id(client.id) == nil
+  end, 20)
+end
+
+local ok, failure = xpcall(function()
+  test_cells()
+  test_session()
+end, function(err)
+  return type(err) == "table" and err.failed or debug.traceback(err, 2)
+end)
+local stopped = stop_daemon()
+if ok and not stopped then
+  ok, failure = false, "the daemon did not exit within 15 s of shutdown"
+end
+if ok then
+  io.stdout:write(string.format("cellbox-neovim: %d passed\n", passed))
+  vim.cmd("cq 0")
+else
+  io.stderr:write(string.format("cellbox-neovim: FAILED after %d passed: %s\n", passed, failure))
+  io.stderr:write("output buffer:\n  " .. table.concat(lines_of("cellbox://output"), "\n  ") .. "\n")
+  vim.cmd("cq 1")
+end
