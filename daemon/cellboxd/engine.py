@@ -25,7 +25,7 @@ class DockerEngine:
         self._client: docker.DockerClient | None = None
         self._lock = asyncio.Lock()
 
-    def reachable(self, timeout: float = 1.0) -> bool:
+    def reachable(self, timeout: float = 3.0) -> bool:
         """Whether an engine answers now (for `initialize`: a quick look, not a wait)."""
         try:
             docker.from_env(timeout=timeout).ping()
@@ -60,5 +60,8 @@ class DockerEngine:
 
     async def sweep_orphans(self) -> list[str]:
         """Removes sandbox containers of this machine's daemons that are gone; their sandbox ids."""
-        client = await self.client()
+        try:
+            client = await self.client()
+        except errors.BackendUnavailable:
+            return []  # no engine, no containers
         return await asyncio.to_thread(inventory.remove_docker_orphans, client)

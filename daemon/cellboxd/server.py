@@ -97,14 +97,11 @@ class CellboxServer(LanguageServer):
         if options.log_level is not None:
             logs.set_level(options.log_level)
         self._client_log = logs.attach_client(self.protocol.send_notification, self.settings.log_level)
-        backends = self.sandboxes.backends()
         capabilities = t.CellboxCapabilities(
             protocol_version=t.PROTOCOL_VERSION,
-            backends=backends,
+            backends=self.sandboxes.backends(),
             default_backend=self.settings.default_backend,
         )
-        if "docker" in backends:
-            self._spawn(self.docker.sweep_orphans())
         result.capabilities.experimental = {"cellbox": msgspec.to_builtins(capabilities)}
         log.info("initialized by %s", params.client_info.name if params.client_info else "a client")
 
@@ -130,6 +127,8 @@ class CellboxServer(LanguageServer):
         stop = asyncio.Event()
         writer = await Writer.open(out_fd, on_lost=stop.set)
         self.protocol.set_writer(writer)
+        # containers of daemons that were killed go as soon as the next one starts
+        self._spawn(self.docker.sweep_orphans())
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         waits = [
