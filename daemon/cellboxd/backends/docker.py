@@ -39,7 +39,7 @@ PYTHON = "/opt/cellbox/venv/bin/python"
 WORKSPACE = "/workspace"
 CONNECTIONS = "/run/cellbox"
 KERNEL_SLOTS = 8  # kernels a docker sandbox can run at once
-_PORT_BASE = 50000
+_PORT_BASE = 20000  # below Linux's ephemeral range, where the kernels' own sockets would race
 _CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 LABEL_SANDBOX = "cellbox.sandbox"
@@ -368,6 +368,10 @@ class ContainerProvisioner(KernelProvisionerBase):
         except Exception as exc:  # the container went away under the stream
             log.debug("kernel %s: exec stream ended: %s", self.kernel_id, exc)
         finally:
+            close = getattr(stream, "close", None)  # its socket, at once rather than at collection
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
             try:
                 code = self._client.api.exec_inspect(exec_id).get("ExitCode")
             except Exception:
