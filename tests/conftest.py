@@ -57,8 +57,12 @@ def docker_engine() -> None:
         )
 
 
-def docker_unavailable(reason: str) -> None:
-    """A skip with the reason, or a failure where CELLBOX_REQUIRE_DOCKER=1 wants the Docker tests run."""
-    if os.environ.get("CELLBOX_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"CELLBOX_REQUIRE_DOCKER=1 but {reason}")
+def unavailable(reason: str, require: str) -> None:
+    """A skip with the reason, or a failure where the variable `require`=1 wants the tests run (CI)."""
+    if os.environ.get(require) == "1":
+        pytest.fail(f"{require}=1 but {reason}")
     pytest.skip(reason)
+
+
+def docker_unavailable(reason: str) -> None:
+    unavailable(reason, "CELLBOX_REQUIRE_DOCKER")

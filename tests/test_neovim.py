@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = [
     "--headless",
@@ -30,9 +32,7 @@ def test_neovim_plugin() -> None:
     nvim = shutil.which("nvim")
     if nvim is None:
         reason = "nvim is not on PATH (apt-get install neovim): the Neovim plugin's test needs Neovim 0.7+"
-        if os.environ.get("CELLBOX_REQUIRE_EDITORS") == "1":
-            pytest.fail(f"{reason}, and CELLBOX_REQUIRE_EDITORS=1 requires it")
-        pytest.skip(reason)
+        unavailable(reason, "CELLBOX_REQUIRE_EDITORS")
     # The daemon of this interpreter (run.lua splits the command on spaces).
     env = {**os.environ, "CELLBOX_SERVE": f"{sys.executable} -m cellboxd serve"}
     try:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
+
 EXTENSION = Path(__file__).resolve().parent.parent / "editors" / "vscode"
 
 
@@ -23,9 +25,7 @@ def npm(*args: str) -> None:
     executable = shutil.which("npm")
     if executable is None:
         reason = "npm is not on PATH: the VS Code extension's tests need Node 20+ and npm"
-        if os.environ.get("CELLBOX_REQUIRE_EDITORS") == "1":
-            pytest.fail(f"{reason}, and CELLBOX_REQUIRE_EDITORS=1 requires them")
-        pytest.skip(reason)
+        unavailable(reason, "CELLBOX_REQUIRE_EDITORS")
     done = subprocess.run(
         [executable, *args],
         cwd=EXTENSION,
