@@ -63,11 +63,20 @@ def _shutdown_exit(d: Daemon) -> None:
     d.notify("exit")
 
 
+def _shutdown_exit_pipelined(d: Daemon) -> None:
+    """`exit` sent right behind `shutdown`: shutdown still finishes, is answered, and the
+    daemon exits 0."""
+    msg_id = d.start("shutdown")
+    d.notify("exit")
+    assert d.response(msg_id, timeout=10) == {"jsonrpc": "2.0", "id": msg_id, "result": None}
+    assert d.proc.wait(timeout=10) == 0
+
+
 def _sigterm(d: Daemon) -> None:
     d.proc.send_signal(signal.SIGTERM)
 
 
-@pytest.mark.parametrize("end", [_close_stdin, _shutdown_exit, _sigterm])
+@pytest.mark.parametrize("end", [_close_stdin, _shutdown_exit, _shutdown_exit_pipelined, _sigterm])
 def test_every_kernel_is_gone_within_5_s_of_the_daemon_ending(end: Callable[[Daemon], None]) -> None:
     d = Daemon()
     try:

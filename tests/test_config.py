@@ -55,3 +55,14 @@ def test_nothing_is_written_into_the_current_directory(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "True\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generated_code_is_cached_and_a_bad_cache_is_rebuilt(cellbox_home: Path) -> None:
+    with Daemon() as d:
+        assert d.init_result["serverInfo"]["name"] == "cellbox"
+    (cache,) = (cellbox_home / "cache").glob("attrs-*.marshal")
+    assert cache.stat().st_size > 100_000
+    cache.write_bytes(b"not marshal data")
+    with Daemon() as d:
+        assert d.request("cellbox/listSandboxes", {})["sandboxes"] == []
+    assert cache.stat().st_size > 100_000

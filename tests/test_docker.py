@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 import shutil
 import signal
 import subprocess
@@ -11,10 +13,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 
+from cellboxd.backends.docker import SOCKETS
 from tests.rpc import Daemon
 
 pytestmark = pytest.mark.usefixtures("docker_engine")
@@ -25,6 +29,17 @@ EXECUTE = "cellbox/execute"
 def _containers(sandbox_id: str | None = None) -> list:
     label = "cellbox.sandbox" + (f"={sandbox_id}" if sandbox_id else "")
     return docker.from_env().containers.list(all=True, filters={"label": label})
+
+
+def _kernel_files(kernel: str) -> list[str]:
+    """What a kernel has in its sandbox's sockets folder: five sockets and its credits FIFO."""
+    return sorted([*(f"{kernel}-{n}" for n in range(1, 6)), f"{kernel}.credits"])
+
+
+def _sockets(container: Any) -> dict[str, Any]:
+    """The bind mount of a sandbox container's folder of kernel sockets."""
+    (mount,) = [m for m in container.attrs["Mounts"] if m["Destination"] == SOCKETS]
+    return mount
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +72,19 @@ def test_sandbox_is_a_hardened_labelled_container(dd: Daemon, box: dict) -> None
     config = container.attrs["HostConfig"]
     assert config["CapDrop"] == ["ALL"] and "no-new-privileges" in config["SecurityOpt"]
     assert container.labels["cellbox.daemon.pid"] == str(dd.proc.pid)
-    for bindings in container.attrs["NetworkSettings"]["Ports"].values():
-        assert all(b["HostIp"] == "127.0.0.1" for b in bindings or [])
+    # kernels are reached through IPC sockets in a bind-mounted folder: nothing is published
+    assert not config["PortBindings"] and not container.attrs["NetworkSettings"]["Ports"]
+    sockets = _sockets(container)
+    assert sockets["Type"] == "bind" and sockets["RW"]
+    folder = Path(sockets["Source"])
+    assert folder.name == box["sandboxId"] and len(str(folder)) < 80  # socket paths stay < 108 bytes
+    assert folder.stat().st_mode & 0o777 == 0o700 and folder.parent.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in folder.iterdir()) == _kernel_files(box["kernel"])
+    assert all(p.is_socket() for p in folder.glob("*-[0-9]"))
+    assert (folder / f"{box['kernel']}.credits").is_fifo()
+    # the kernel reads its credits from the FIFO through the mount (it prints no faster than its reader)
+    code = "import glob, os; print(*(os.path.realpath(f) for f in glob.glob('/proc/self/fd/*')))"
+    assert f"{SOCKETS}/{box['kernel']}.credits" in run(dd, box["kernel"], code)["text"].split()
     result = run(dd, box["kernel"], "import os; print(os.getuid() != 0, os.environ['API_KEY'], os.getcwd())")
     assert result["text"] == "True sk-secret-value /workspace\n"
     listed = {s["sandboxId"]: s for s in dd.request("cellbox/listSandboxes", {})["sandboxes"]}
@@ -112,10 +138,19 @@ def test_timeout_interrupt_and_restart_in_a_container(dd: Daemon, box: dict) -> 
 
 
 def test_several_kernels_share_files_and_packages(dd: Daemon, box: dict) -> None:
-    other = dd.request("cellbox/startKernel", {"sandboxId": box["sandboxId"]}, timeout=120)["kernelId"]
+    # no fixed number of kernels: 10 at once (there were 8 slots of published ports)
+    others = [dd.start("cellbox/startKernel", {"sandboxId": box["sandboxId"]}) for _ in range(9)]
+    others = [dd.response(msg_id, timeout=180)["result"]["kernelId"] for msg_id in others]
     run(dd, box["kernel"], "open('shared.txt', 'w').write('from the first')")
-    assert run(dd, other, "open('shared.txt').read()")["text"] == "'from the first'\n"
-    dd.request("cellbox/shutdownKernel", {"kernelId": other})
+    for other in others:
+        assert run(dd, other, "open('shared.txt').read()")["text"] == "'from the first'\n"
+    (container,) = _containers(box["sandboxId"])
+    folder = Path(_sockets(container)["Source"])
+    assert len(list(folder.iterdir())) == 6 * 10
+    for other in others:
+        dd.request("cellbox/shutdownKernel", {"kernelId": other})
+    # a kernel that is shut down leaves nothing behind
+    assert sorted(p.name for p in folder.iterdir()) == _kernel_files(box["kernel"])
 
 
 def test_runtime_install_is_importable_at_once_and_skill_sources(dd: Daemon, box: dict) -> None:
@@ -144,13 +179,18 @@ def test_container_killed_from_outside_gives_died(dd: Daemon) -> None:
     kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
     msg_id = dd.start(EXECUTE, {"kernelId": kernel, "code": "import time; time.sleep(60)", "timeout": 50})
     time.sleep(1)
-    _containers(created["sandboxId"])[0].kill()
+    (container,) = _containers(created["sandboxId"])
+    folder = Path(_sockets(container)["Source"])
+    container.kill()
     started = time.monotonic()
     result = dd.response(msg_id, timeout=30)["result"]
     assert result["status"] == "died" and time.monotonic() - started < 10
     assert dd.response(dd.start(EXECUTE, {"kernelId": kernel, "code": "1"}))["error"]["code"] == 1007
+    restart = dd.response(dd.start("cellbox/restartKernel", {"kernelId": kernel}), timeout=60)["error"]
+    assert restart["code"] == 1007 and "is not running" in restart["message"], restart
     dd.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}, timeout=60)
     assert _containers(created["sandboxId"]) == []
+    assert not folder.exists()  # the sockets folder goes with the sandbox
 
 
 def test_memory_limit_kills_the_kernel_not_the_daemon(dd: Daemon) -> None:
@@ -210,19 +250,40 @@ def test_containers_of_a_killed_daemon_are_removed_by_the_next() -> None:
     created = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(timeout=10)
-    assert len(_containers(created["sandboxId"])) == 1
+    (container,) = _containers(created["sandboxId"])
+    folder = Path(_sockets(container)["Source"])
+    assert folder.is_dir()
     with Daemon():
         deadline = time.monotonic() + 30
         while _containers(created["sandboxId"]) and time.monotonic() < deadline:
             time.sleep(0.2)
     assert _containers(created["sandboxId"]) == []
+    assert not folder.exists()  # and its sockets folder
+
+
+def test_sockets_of_a_killed_daemon_go_even_when_its_container_went_first() -> None:
+    d = Daemon()
+    created = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
+    d.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    (container,) = _containers(created["sandboxId"])
+    folder = Path(_sockets(container)["Source"])
+    container.remove(force=True)  # e.g. `docker rm` by hand: no container leads to the folder
+    assert folder.is_dir()
+    with Daemon():
+        deadline = time.monotonic() + 30
+        while folder.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not folder.exists()
 
 
 def test_network_none_cuts_the_sandbox_off_and_kernels_still_work(dd: Daemon) -> None:
     created = dd.request("cellbox/createSandbox", {"backend": "docker", "network": "none"}, timeout=600)
     (container,) = _containers(created["sandboxId"])
     assert container.attrs["HostConfig"]["NetworkMode"] == "none"
-    assert container.attrs["NetworkSettings"]["Ports"] in ({}, None)
+    assert not container.attrs["HostConfig"]["PortBindings"]
+    assert not container.attrs["NetworkSettings"]["Ports"]
     kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
     code = (
         "import socket\n"
@@ -234,7 +295,7 @@ def test_network_none_cuts_the_sandbox_off_and_kernels_still_work(dd: Daemon) ->
     )
     result = run(dd, kernel, code)
     assert result["status"] == "ok" and result["text"].startswith("refused"), result
-    # streaming, interrupts and restarts go through the forwarded ports as through published ones
+    # the kernel's sockets are files in a bind mount: streaming, interrupts and restarts need no network
     msg_id = dd.start(
         EXECUTE, {"kernelId": kernel, "code": "import time; print('up', flush=True); time.sleep(60)"}
     )
@@ -337,3 +398,72 @@ def test_ps_lists_sandboxes_and_prune_removes_orphans() -> None:
     assert not {local, container} & {
         line.split()[0] for line in _cellbox("ps", "--all").stdout.splitlines()[1:]
     }
+
+
+@pytest.fixture
+def sandbox(box: dict) -> Iterator[Any]:
+    """A DockerSandbox made in this process (not through a daemon), of the `box` sandbox's image."""
+    from cellbox import types as t
+    from cellboxd.backends.docker import DockerSandbox, connect
+
+    home = Path(tempfile.mkdtemp(prefix="cbx-"))
+    made = DockerSandbox.create(
+        connect(),
+        root=home / "root",
+        sandbox_id="sb-" + home.name[-8:],
+        daemon_id="test_docker",
+        image=box["image"],
+        params=t.CreateSandboxParams(backend="docker"),
+        sockets=home / "s",
+    )
+    yield made
+    with contextlib.suppress(docker.errors.NotFound):
+        made._container.remove(force=True)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _fds() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+async def test_exec_connections_are_closed_at_once(sandbox: Any) -> None:
+    """Each `docker exec`, and each call to the engine, frees its connection when it ends, not
+    at garbage collection; and none is kept alive in the SDK's pools (one per URL)."""
+    gc.disable()  # the SDK's exec streams sit in reference cycles: only closing them frees them
+    try:
+        assert (await sandbox.run(["true"])).returncode == 0
+        before = _fds()
+        for _ in range(30):
+            result = await sandbox.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+            assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+        assert _fds() <= before
+    finally:
+        gc.enable()
+    await sandbox.close()
+    assert not sandbox._sockets.exists() and not sandbox.root.exists()
+
+
+async def test_waiting_for_kernels_holds_no_thread(sandbox: Any) -> None:
+    """`wait()` on a kernel in a container holds none of the loop's executor threads."""
+    import asyncio
+
+    launch = sandbox.kernel_launch("k-waits")
+    km = launch.manager
+    await km.start_kernel(**launch.kwargs)
+    provisioner = km.provisioner
+    assert await provisioner.poll() is None
+    waits = [asyncio.create_task(provisioner.wait()) for _ in range(3 * (os.cpu_count() or 1) + 20)]
+    await asyncio.sleep(0.2)
+    # the default executor has cores + 4 threads: waits that each held one would starve it
+    assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 5) == 42
+    assert not any(w.done() for w in waits)
+    waits[0].cancel()  # one waiter given up leaves the others waiting
+    await asyncio.sleep(0.1)
+    assert not any(w.done() for w in waits[1:])
+    await km.shutdown_kernel(now=True)
+    codes = await asyncio.wait_for(asyncio.gather(*waits[1:]), 10)
+    assert len(set(codes)) == 1 and codes[0] is not None and codes[0] != 0  # killed
+    assert await provisioner.poll() == codes[0]
+    assert await provisioner.wait() == codes[0]
+    sandbox.release_kernel("k-waits")
+    await sandbox.close()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 from tests.conftest import new_kernel
-from tests.rpc import Daemon
+from tests.rpc import SERVE, Daemon
 
 EXECUTE = "cellbox/execute"
 
@@ -42,6 +45,23 @@ def test_stdout_stderr_stream_in_order_and_result_collects_text(shared_daemon: D
     assert result["text"] == "".join(text for _, text in expected) + "'done'\n"
     assert result["outputs"] == [{"data": {"text/plain": "'done'"}, "metadata": {}}]
     assert isinstance(result["executionCount"], int)
+
+
+def test_small_outputs_are_coalesced_within_a_bounded_delay(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    # each flush is an IOPub message of its own: 1000 of them, then one after a pause
+    code = (
+        "import time\nfor i in range(1000):\n    print(i, flush=True)\n"
+        "time.sleep(0.3)\nprint('late', flush=True)"
+    )
+    result = run(d, kernel, code, executionId="ex-coalesce")
+    assert result["status"] == "ok"
+    streamed = [n["text"] for n in d.notes("cellbox/output") if n["executionId"] == "ex-coalesce"]
+    assert "".join(streamed) == "".join(f"{i}\n" for i in range(1000)) + "late\n"
+    assert len(streamed) <= 100, f"{len(streamed)} notifications for 1000 flushes"
+    # what came before the pause went out before it ended
+    assert streamed[-1] == "late\n"
 
 
 def test_state_persists_and_generated_execution_id(shared_daemon: Daemon) -> None:
@@ -107,6 +127,27 @@ def test_text_cap_truncates_the_result_but_not_the_stream(cellbox_home: Path) ->
         assert result["text"] == ("x" * 9 + "\n") * 10
         streamed = "".join(n["text"] for n in d.notes("cellbox/output") if n["executionId"] == "ex-cap")
         assert streamed == ("x" * 9 + "\n") * 50
+
+
+def test_outputs_count_against_the_cap_and_images_keep_their_path(cellbox_home: Path) -> None:
+    with Daemon(env={"CELLBOX_TEXT_CAP": "2000"}) as d:
+        _, kernel = new_kernel(d)
+        code = (
+            "from IPython.display import display, HTML, SVG\n"
+            "for i in range(20):\n"
+            "    display(HTML('<p>' + 'x' * 300 + '</p>'))\n"
+            "display(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\">' + ' ' * 5000 + '</svg>'))\n"
+        )
+        result = run(d, kernel, code, executionId="ex-outcap")
+        assert result["status"] == "ok" and result["truncated"] is True
+        kept = result["outputs"]
+        sizes = [sum(len(v) for v in o.get("data", {}).values()) for o in kept]
+        assert 0 < len(kept) < 21 and sum(sizes) <= 2000
+        # the image past the cap is there as its file
+        assert kept[-1].get("data", {}) == {} and kept[-1]["path"].endswith(".svg")
+        assert Path(kept[-1]["path"]).stat().st_size > 5000
+        displayed = [n for n in d.notes("cellbox/display") if n["executionId"] == "ex-outcap"]
+        assert len(displayed) == 21
 
 
 def test_timeout_interrupts_and_returns_partial_output_in_time(shared_daemon: Daemon) -> None:
@@ -308,3 +349,62 @@ def test_restart_during_an_execution_ends_it_as_died(shared_daemon: Daemon) -> N
     assert result["status"] == "died" and result["text"] == "running\n"
     assert result["error"]["evalue"] == "the kernel was restarted"
     assert run(d, kernel, "1 + 1")["text"] == "2\n"
+
+
+def _frame(message: dict) -> bytes:
+    body = json.dumps(message).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _read_frame(stream: IO[bytes]) -> dict:
+    length = None
+    while line := stream.readline().strip():
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    assert length is not None
+    return json.loads(stream.read(length))
+
+
+@pytest.mark.parametrize("backend", ["local", "docker"])
+def test_a_client_that_stops_reading_holds_the_kernel_back_not_the_daemons_memory(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A cell prints 300 MB while the client reads nothing for 3 s: the kernel waits (credits),
+    the daemon's memory stays bounded, and every byte arrives once the client reads again."""
+    if backend == "docker":
+        request.getfixturevalue("docker_engine")
+    proc = subprocess.Popen(SERVE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+
+        def call(msg_id: int, method: str, params: dict) -> dict:
+            proc.stdin.write(_frame({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}))
+            proc.stdin.flush()
+            while (message := _read_frame(proc.stdout)).get("id") != msg_id:
+                pass
+            return message["result"]
+
+        call(1, "initialize", {"capabilities": {}})
+        sandbox = call(2, "cellbox/createSandbox", {"backend": backend})["sandboxId"]
+        kernel = call(3, "cellbox/startKernel", {"sandboxId": sandbox})["kernelId"]
+        code = "line = 'x' * 1023\nfor _ in range(300 * 1024):\n    print(line)"
+        params = {"kernelId": kernel, "code": code}
+        proc.stdin.write(_frame({"jsonrpc": "2.0", "id": 4, "method": "cellbox/execute", "params": params}))
+        proc.stdin.flush()
+        time.sleep(3)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        rss_mb = int(status.split("VmRSS:")[1].split()[0]) // 1024
+        assert rss_mb < 200, f"the daemon holds {rss_mb} MB for a client that reads nothing"
+        received = 0
+        while (message := _read_frame(proc.stdout)).get("id") != 4:
+            if message.get("method") == "cellbox/output":
+                received += len(message["params"]["text"])
+        assert message["result"]["status"] == "ok"
+        assert received == 300 * 1024 * 1024
+    finally:
+        proc.stdin.close()  # the daemon stops its kernels and removes its sandbox
+        try:
+            proc.wait(timeout=15)
+        finally:
+            proc.kill()

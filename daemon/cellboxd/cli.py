@@ -32,9 +32,20 @@ def _client() -> Client:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cellboxd.server import serve  # lazily: the other subcommands start faster without it
+    from cellboxd import codecache
+    from cellboxd.config import ConfigError, load_settings
 
-    return serve(log_level=args.log_level, data_dir=args.data_dir, default_backend=args.backend)
+    try:
+        settings = load_settings(
+            log_level=args.log_level, data_dir=args.data_dir, default_backend=args.backend
+        )
+    except ConfigError as exc:
+        print(f"cellbox: {exc}", file=sys.stderr)
+        return 2
+    # lazily: the other subcommands start faster without the server
+    with codecache.cached_compile(settings.cache_path):
+        from cellboxd.server import serve
+    return serve(settings)
 
 
 # --- run -----------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import platformdirs
 
+from cellbox import types as t
+
 APP = "cellbox"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -31,7 +33,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_dir: str = ""
     # kernels' IPC sockets; short, as a socket path must stay under 108 bytes
     runtime_dir: str = ""
-    # characters of an ExecuteResult's `text`; streamed notifications are never capped
+    # characters of an ExecuteResult's `text`, and of its `outputs`; notifications are never capped
     text_cap: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000
     # seconds a kernel may take to go idle after an interrupt before it is restarted
     interrupt_grace: Annotated[float, msgspec.Meta(gt=0)] = 0.5
@@ -39,6 +41,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kernel_start_timeout: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     # installer for installPackage: "auto" takes uv when it is on PATH, else pip
     installer: Literal["auto", "pip", "uv"] = "auto"
+    # the warm pool: sandboxes kept ready, each with one kernel started (see pool.py)
+    pool: list[t.PoolSpec] = msgspec.field(default_factory=list)
 
     @property
     def data_path(self) -> Path:
@@ -95,6 +99,21 @@ _ENV = {
 }
 
 
+def parse_pool(text: str) -> list[dict[str, Any]]:
+    """`CELLBOX_POOL`: comma-separated `BACKEND[:IMAGE]=SIZE`, e.g. `local=2,docker:basic=1`."""
+    specs: list[dict[str, Any]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, sep, size = item.rpartition("=")
+        if not sep or not size.strip().isdigit():
+            raise ConfigError(f"CELLBOX_POOL: {item!r} is not BACKEND[:IMAGE]=SIZE (e.g. local=2)")
+        backend, _, image = kind.strip().partition(":")
+        spec: dict[str, Any] = {"backend": backend, "size": int(size)}
+        if image:
+            spec["image"] = image
+        specs.append(spec)
+    return specs
+
+
 def config_file() -> Path:
     return Path(os.environ.get("CELLBOX_CONFIG") or Path(platformdirs.user_config_dir(APP)) / "config.toml")
 
@@ -111,6 +130,8 @@ def load_settings(**overrides: Any) -> Settings:
     for var, field in _ENV.items():
         if (value := os.environ.get(var)) is not None and value != "":
             values[field] = value
+    if pool := os.environ.get("CELLBOX_POOL"):
+        values["pool"] = parse_pool(pool)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         # strict=False: numbers given as environment strings are accepted

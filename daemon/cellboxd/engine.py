@@ -1,18 +1,24 @@
-"""The daemon's Docker engine: connecting to it, the images sandboxes start from, orphans."""
+"""The daemon's Docker engine: connecting to it, the images sandboxes start from, orphans.
+
+The docker SDK, jupyter_client and the image builder are imported when the engine is first
+used, not when the daemon starts: a daemon that never makes a docker sandbox never loads them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-
-import docker
+import os
+import socket
+from typing import TYPE_CHECKING
 
 from cellbox import errors
 from cellbox import types as t
-from cellboxd import images, inventory
-from cellboxd.backends import docker as docker_backend
 from cellboxd.backends.base import OnLine
-from cellboxd.dependencies import VARIANTS, variant_dependencies
+
+if TYPE_CHECKING:
+    import docker
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +32,28 @@ class DockerEngine:
         self._lock = asyncio.Lock()
 
     def reachable(self, timeout: float = 3.0) -> bool:
-        """Whether an engine answers now (for `initialize`: a quick look, not a wait)."""
+        """Whether an engine answers now (for `initialize`: a quick look, not a wait).
+
+        An engine on a unix socket or plain TCP gets a `GET /_ping` of a few bytes, so that a
+        daemon that never makes a docker sandbox never loads the SDK; others (TLS, ssh) the SDK's
+        ping.
+        """
+        host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        scheme, _, where = host.partition("://")
+        if scheme == "unix" or (scheme == "tcp" and not os.environ.get("DOCKER_TLS_VERIFY")):
+            return _ping(scheme, where, timeout)
+        import docker
+
         try:
-            docker.from_env(timeout=timeout).ping()
+            with contextlib.closing(docker.from_env(timeout=timeout)) as client:
+                client.ping()
         except Exception:
             return False
         return True
 
     async def client(self) -> docker.DockerClient:
+        from cellboxd.backends import docker as docker_backend
+
         async with self._lock:
             if self._client is None:
                 self._client = await asyncio.to_thread(docker_backend.connect)
@@ -41,6 +61,9 @@ class DockerEngine:
 
     async def resolve_image(self, image: str | None, on_line: OnLine) -> str:
         """The tag to start a sandbox from: a built-in variant is built when missing."""
+        from cellboxd import images
+        from cellboxd.dependencies import VARIANTS, variant_dependencies
+
         client = await self.client()
         name = image or DEFAULT_VARIANT
         if name in VARIANTS:
@@ -60,8 +83,27 @@ class DockerEngine:
 
     async def sweep_orphans(self) -> list[str]:
         """Removes sandbox containers of this machine's daemons that are gone; their sandbox ids."""
+        from cellboxd import inventory
+
         try:
             client = await self.client()
         except errors.BackendUnavailable:
             return []  # no engine, no containers
         return await asyncio.to_thread(inventory.remove_docker_orphans, client)
+
+
+def _ping(scheme: str, where: str, timeout: float) -> bool:
+    try:
+        if scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(where)
+        else:
+            host, _, port = where.rstrip("/").rpartition(":")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout)
+        with sock:
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            status = sock.recv(64).split(b"\r\n", 1)[0]
+    except (OSError, ValueError):
+        return False
+    return status.startswith(b"HTTP/") and status.split()[1:2] == [b"200"]

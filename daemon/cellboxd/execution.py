@@ -1,8 +1,11 @@
 """One execution: what a cell's IOPub messages and shell reply add up to.
 
-It streams each output as a notification the moment it arrives and collects the
-ExecuteResult: `text` capped at the daemon's limit, rich outputs, images saved to the
-workspace's `images/` folder, the error, and how the execution ended.
+It streams each output as a notification and collects the ExecuteResult: `text` capped at
+the daemon's limit, rich outputs, images saved to the workspace's `images/` folder, the error,
+and how the execution ended. Stream text is coalesced: chunks of one stream that arrive
+within `COALESCE_SECONDS` of each other go out as one notification (at most
+`COALESCE_CHARS` characters wait), and anything else that goes out, or the end, sends what
+waits first, so order is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from cellbox import types as t
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str, Any], None]
+
+COALESCE_SECONDS = 0.005
+COALESCE_CHARS = 64 * 1024
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # MIME type -> file extension of images saved to the workspace; SVG is text, the rest base64
@@ -58,12 +64,18 @@ class Execution:
         self._text_len = 0
         self.truncated = False
         self.outputs: list[t.Output] = []
+        self._outputs_size = 0  # characters of the string values of `outputs`
         self.error: t.ErrorInfo | None = None
         self.execution_count: int | None = None
         self.reply_status: str | None = None
         self._idle = False
+        self._loop = asyncio.get_running_loop()
+        self._waiting: list[str] = []  # stream text not sent yet, all of `_waiting_stream`
+        self._waiting_chars = 0
+        self._waiting_stream: t.Stream = "stdout"
+        self._flush_timer: asyncio.TimerHandle | None = None
         # resolved when the kernel has gone idle and replied, or has gone away
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.finished: asyncio.Future[None] = self._loop.create_future()
 
     # -- messages from the kernel -----------------------------------------------------------
 
@@ -71,9 +83,7 @@ class Execution:
         if msg_type == "stream":
             text = content.get("text", "")
             stream: t.Stream = "stderr" if content.get("name") == "stderr" else "stdout"
-            self._notify(
-                methods.OUTPUT, t.OutputNotification(self.execution_id, self.kernel_id, stream, text)
-            )
+            self._stream(stream, text)
             self._add_text(text)
         elif msg_type in ("execute_result", "display_data"):
             self._on_output(msg_type, content)
@@ -100,12 +110,39 @@ class Execution:
 
     def end(self) -> None:
         """Stops waiting: the kernel is gone or will not answer."""
+        self.flush()
         if not self.finished.done():
             self.finished.set_result(None)
 
     def _maybe_finish(self) -> None:
         if self._idle and self.reply_status is not None:
             self.end()
+
+    def _stream(self, stream: t.Stream, text: str) -> None:
+        if self._waiting and stream != self._waiting_stream:
+            self.flush()
+        self._waiting_stream = stream
+        self._waiting.append(text)
+        self._waiting_chars += len(text)
+        if self._waiting_chars >= COALESCE_CHARS:
+            self.flush()
+        elif self._flush_timer is None:
+            self._flush_timer = self._loop.call_later(COALESCE_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Sends the stream text that waits, as one notification."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._waiting:
+            return
+        text = self._waiting[0] if len(self._waiting) == 1 else "".join(self._waiting)
+        self._waiting.clear()
+        self._waiting_chars = 0
+        self._notify(
+            methods.OUTPUT,
+            t.OutputNotification(self.execution_id, self.kernel_id, self._waiting_stream, text),
+        )
 
     def _add_text(self, text: str) -> None:
         if self.truncated:
@@ -120,13 +157,30 @@ class Execution:
     def _on_output(self, msg_type: str, content: dict[str, Any]) -> None:
         data: dict[str, Any] = content.get("data") or {}
         metadata: dict[str, Any] = content.get("metadata") or {}
+        self.flush()
         path = self._save_image(data)
-        self.outputs.append(t.Output(data, metadata, path))
+        self._keep(t.Output(data, metadata, path))
         self._notify(
             methods.DISPLAY, t.DisplayNotification(self.execution_id, self.kernel_id, data, metadata, path)
         )
         if msg_type == "execute_result" and isinstance(text := data.get("text/plain"), str):
             self._add_text(text if text.endswith("\n") else text + "\n")
+
+    def _keep(self, output: t.Output) -> None:
+        """Adds an output to the result within the cap, which outputs count against too: a cell
+        that displays without end must not grow the daemon. Past the cap an image is kept as its
+        `path` alone; every output still went out as a notification."""
+        size = sum(len(value) for value in output.data.values() if isinstance(value, str))
+        if self._outputs_size + size > self._text_cap:
+            self.truncated = True
+            if (path := output.path) is None:
+                return
+            output = t.Output({}, {}, path)
+            size = len(path) + 64
+            if self._outputs_size + size > self._text_cap:
+                return
+        self._outputs_size += size
+        self.outputs.append(output)
 
     def _save_image(self, data: dict[str, Any]) -> str | None:
         for mime, ext in _IMAGE_EXT.items():
@@ -154,6 +208,7 @@ class Execution:
         self, status: t.ExecuteStatus | None = None, error: t.ErrorInfo | None = None
     ) -> t.ExecuteResult:
         """The ExecuteResult; `status` and `error` override what the kernel said."""
+        self.flush()
         if status is None:
             status = "ok" if self.reply_status == "ok" and self.error is None else "error"
         return t.ExecuteResult(

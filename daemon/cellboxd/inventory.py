@@ -1,8 +1,9 @@
 """Every sandbox on this machine, whichever daemon made it, and the removal of orphans.
 
-A daemon that is killed cannot clean up: its sandbox folders (local) and containers (docker)
-stay behind. Each carries its daemon's PID (a `daemon.pid` file, a container label), so the
-next daemon, or `cellbox prune`, can tell them apart from those of daemons still running.
+A daemon that is killed cannot clean up: its sandbox folders (local) and containers (docker,
+with their folders of kernel sockets) stay behind. Each carries its daemon's PID (an owner
+file, a container label), so the next daemon, or `cellbox prune`, can tell them apart from
+those of daemons still running.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import docker
-import docker.errors
 import msgspec
 
-from cellboxd.backends import docker as docker_backend
 from cellboxd.backends.base import pid_alive
+
+if TYPE_CHECKING:  # the docker SDK and backend are imported by the functions that need them
+    import docker
 
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
+SOCKETS_LINK = "sockets"  # in a docker sandbox's folder: a symlink to its folder of kernel sockets
 
 
 class Owner(msgspec.Struct):
@@ -77,10 +79,14 @@ def local_sandboxes(sandboxes_dir: Path) -> list[Entry]:
 
 
 def _same_host(labels: dict[str, Any]) -> bool:
+    from cellboxd.backends import docker as docker_backend
+
     return labels.get(docker_backend.LABEL_HOST) == os.uname().nodename
 
 
 def _container_pid(labels: dict[str, Any]) -> int | None:
+    from cellboxd.backends import docker as docker_backend
+
     try:
         return int(labels.get(docker_backend.LABEL_DAEMON_PID, ""))
     except ValueError:
@@ -88,6 +94,8 @@ def _container_pid(labels: dict[str, Any]) -> int | None:
 
 
 def docker_sandboxes(client: docker.DockerClient) -> list[Entry]:
+    from cellboxd.backends import docker as docker_backend
+
     entries: list[Entry] = []
     for container in client.containers.list(all=True, filters={"label": docker_backend.LABEL_SANDBOX}):
         labels: dict[str, Any] = container.labels
@@ -107,18 +115,39 @@ def docker_sandboxes(client: docker.DockerClient) -> list[Entry]:
     return entries
 
 
+def orphan_backends(sandboxes_dir: Path) -> set[str]:
+    """The backends of the sandbox folders whose daemon is gone."""
+    return {owner.backend for _, owner in _folders(sandboxes_dir) if not pid_alive(owner.pid)}
+
+
 def remove_orphan_folders(sandboxes_dir: Path) -> list[str]:
-    """Removes the folders, of either backend, whose daemon is gone."""
+    """Removes the folders, of either backend, whose daemon is gone (a docker sandbox's folder
+    of kernel sockets too, even where its container is gone already)."""
     removed = []
     for root, owner in _folders(sandboxes_dir):
         if not pid_alive(owner.pid):
             log.info("removing %s, left by daemon %d", root, owner.pid)
+            if (sockets := _linked_sockets(root)) is not None:
+                shutil.rmtree(sockets, ignore_errors=True)
             shutil.rmtree(root, ignore_errors=True)
             removed.append(root.name)
     return removed
 
 
+def _linked_sockets(root: Path) -> Path | None:
+    try:
+        target = Path(os.readlink(root / SOCKETS_LINK))
+    except OSError:
+        return None
+    return target if target.is_absolute() and target.name == root.name else None
+
+
 def remove_docker_orphans(client: docker.DockerClient) -> list[str]:
+    """Removes the containers, and their folders of kernel sockets, whose daemon is gone."""
+    import docker.errors
+
+    from cellboxd.backends import docker as docker_backend
+
     removed = []
     for container in client.containers.list(all=True, filters={"label": docker_backend.LABEL_SANDBOX}):
         labels: dict[str, Any] = container.labels
@@ -128,5 +157,21 @@ def remove_docker_orphans(client: docker.DockerClient) -> list[str]:
         log.info("removing container %s, left by daemon %s", container.name, pid)
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
-        removed.append(labels[docker_backend.LABEL_SANDBOX])
+        sandbox_id = labels[docker_backend.LABEL_SANDBOX]
+        if (sockets := _sockets_folder(container.attrs, sandbox_id)) is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
+        removed.append(sandbox_id)
     return removed
+
+
+def _sockets_folder(attrs: dict[str, Any], sandbox_id: str) -> Path | None:
+    """The host folder a sandbox container's kernel sockets were in: its bind mount's source,
+    a folder named after the sandbox (a container made by other means is left alone)."""
+    from cellboxd.backends import docker as docker_backend
+
+    for mount in attrs.get("Mounts") or []:
+        if mount.get("Destination") == docker_backend.SOCKETS and mount.get("Type") == "bind":
+            source = Path(mount.get("Source", ""))
+            if source.is_absolute() and source.name == sandbox_id:
+                return source
+    return None

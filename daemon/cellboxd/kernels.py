@@ -1,7 +1,8 @@
 """A kernel: one IPython kernel driven through jupyter_client's async manager and client.
 
 Each kernel has one IOPub reader and one shell reader that route messages to the running
-execution by their parent's msg_id, a monitor that notices a dead kernel process at once, and
+execution by their parent's msg_id, a monitor that notices a dead kernel process at once
+(it sleeps until the process ends), and
 a FIFO lock so that executes on one kernel run in arrival order (kernels run in parallel).
 """
 
@@ -10,24 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
-from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.manager import AsyncKernelManager
 
 from cellbox import errors, methods
 from cellbox import types as t
-from cellboxd.backends.base import KernelLaunch
+from cellboxd.backends.base import CREDIT_CHARS, KernelLaunch, process_exit
 from cellboxd.execution import Execution, Notify
+from cellboxd.messages import BadMessage, Message, Reader
+
+if TYPE_CHECKING:
+    from jupyter_client.asynchronous.client import AsyncKernelClient
+    from jupyter_client.manager import AsyncKernelManager
 
 log = logging.getLogger(__name__)
 
-_POLL_BUSY = 0.05  # seconds between liveness checks while an execution runs
-_POLL_IDLE = 1.0
 _CHUNK = 1 << 20  # characters of output per notification, at the most
 
 
@@ -53,6 +56,9 @@ class Kernel:
         self._km: AsyncKernelManager = launch.manager
         self._launch_kwargs = launch.kwargs
         self._log_path = launch.log_path
+        self._credits_path = launch.credits
+        self._credits: int | None = None  # the FIFO's fd: the kernel waits on it to print more
+        self._uncredited = 0  # characters of output taken since the last credit
         self._kc: AsyncKernelClient | None = None
         self._images_dir = images_dir
         self._text_cap = text_cap
@@ -66,7 +72,6 @@ class Kernel:
         self._current_msg_id: str | None = None
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}  # other shell requests
         self._tasks: list[asyncio.Task[None]] = []
-        self._busy = asyncio.Event()  # wakes the monitor when an execution starts
         self._restarting = False
         self._pending_restart: asyncio.Task[None] | None = None
         self.closed = False
@@ -74,18 +79,30 @@ class Kernel:
 
     # -- lifecycle --------------------------------------------------------------------------
 
+    def adopt(self, notify: Notify, name: str | None) -> None:
+        """Hands a kernel from the warm pool to the client: its notifications go out from now on,
+        starting with its state."""
+        self._notify = notify
+        self.name = name
+        notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, self.state))
+
     async def start(self) -> None:
         self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, "starting"))
+        if self._credits_path is not None:
+            # read-write, so that neither end's open waits for the other
+            self._credits = os.open(self._credits_path, os.O_RDWR | os.O_NONBLOCK)
         await self._km.start_kernel(**self._launch_kwargs)
         await self._connect()
 
     async def _connect(self) -> None:
         kc = self._km.client()
-        kc.start_channels()
+        kc.start_channels(hb=False)  # the monitor watches the process itself
         try:
             await kc.wait_for_ready(timeout=self._start_timeout)
-        except (RuntimeError, TimeoutError) as exc:
+        except BaseException as exc:
             kc.stop_channels()
+            if not isinstance(exc, RuntimeError | TimeoutError):
+                raise
             raise errors.KernelDied(
                 f"kernel {self.kernel_id} did not start: {exc}; its output:\n{self._log_tail()}",
                 {"kernelId": self.kernel_id},
@@ -126,6 +143,9 @@ class Kernel:
                 log.exception("kernel %s: shutdown failed; killing it", self.kernel_id)
                 with contextlib.suppress(Exception):
                     await self._km.shutdown_kernel(now=True)
+        if self._credits is not None:
+            os.close(self._credits)
+            self._credits = None
         self._set_state("dead")
 
     async def interrupt(self) -> None:
@@ -206,10 +226,10 @@ class Kernel:
         assert self._kc is not None
         msg_id = self._kc.execute(params.code, store_history=True, allow_stdin=False, stop_on_error=False)
         self._current, self._current_msg_id = execution, msg_id
-        self._busy.set()
         try:
             try:
-                await asyncio.wait_for(asyncio.shield(execution.finished), params.timeout)
+                async with asyncio.timeout(params.timeout):
+                    await asyncio.shield(execution.finished)
             except TimeoutError:
                 return await self._stop(execution, "timeout", f"did not finish within {params.timeout:g} s")
             except asyncio.CancelledError:
@@ -285,57 +305,76 @@ class Kernel:
             self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, state))
 
     async def _read_iopub(self, kc: AsyncKernelClient) -> None:
-        channel = kc.iopub_channel
+        read = _reader(kc.iopub_channel.socket, kc)
         while True:
-            msg = await channel.get_msg()
-            msg_type = msg["header"]["msg_type"]
-            content = msg["content"]
-            if msg_type == "status" and not self._restarting:
+            msg = await read()
+            content = msg.content
+            if msg.msg_type == "status" and not self._restarting:
                 state = content.get("execution_state")
                 if state in ("busy", "idle"):
                     self._set_state(state)
             execution = self._current
-            if execution is not None and msg["parent_header"].get("msg_id") == self._current_msg_id:
+            if execution is not None and msg.parent_id == self._current_msg_id:
                 text = content.get("text")
-                if msg_type == "stream" and isinstance(text, str) and len(text) > _CHUNK:
+                if msg.msg_type == "stream" and isinstance(text, str) and len(text) > _CHUNK:
                     # a huge output goes out in pieces, each only once the client took the last
                     for start in range(0, len(text), _CHUNK):
-                        execution.on_iopub(msg_type, {**content, "text": text[start : start + _CHUNK]})
+                        execution.on_iopub(msg.msg_type, {**content, "text": text[start : start + _CHUNK]})
                         await self._drain()
                 else:
-                    execution.on_iopub(msg_type, content)
+                    execution.on_iopub(msg.msg_type, content)
             # a client that reads slowly slows the reading of the kernel's output, and the
             # daemon holds no more than the writer's high-water mark
             await self._drain()
+            if msg.msg_type == "stream":
+                self._credit(content.get("text"))
+
+    def _credit(self, text: object) -> None:
+        """Lets the kernel print another MiB for each MiB of its output the client has taken."""
+        if not isinstance(text, str) or self._credits is None:
+            return
+        self._uncredited += len(text)
+        while self._uncredited >= CREDIT_CHARS:
+            self._uncredited -= CREDIT_CHARS
+            with contextlib.suppress(BlockingIOError):  # 64 Ki credits unused: it has enough
+                os.write(self._credits, b"\0")
 
     async def _read_shell(self, kc: AsyncKernelClient) -> None:
-        channel = kc.shell_channel
+        read = _reader(kc.shell_channel.socket, kc)
         while True:
-            msg = await channel.get_msg()
-            parent = msg["parent_header"].get("msg_id")
+            msg = await read()
             execution = self._current
-            if execution is not None and parent == self._current_msg_id:
-                execution.on_reply(msg["content"])
-            elif (waiter := self._replies.pop(parent, None)) is not None and not waiter.done():
-                waiter.set_result(msg["content"])
+            if execution is not None and msg.parent_id == self._current_msg_id:
+                execution.on_reply(msg.content)
+            elif (waiter := self._replies.pop(msg.parent_id or "", None)) is not None and not waiter.done():
+                waiter.set_result(msg.content)
 
     async def _monitor(self) -> None:
         """Notices a kernel process that is gone, and ends the execution waiting on it."""
+        provisioner = self._km.provisioner
+        if provisioner is None:
+            return
+        code = await process_exit(provisioner)
+        if self._restarting or self.closed:
+            return
+        self.exit_code = code
+        log.warning("kernel %s died%s", self.kernel_id, self._exit_text())
+        self._set_state("dead")
+        self._end_current()
+
+
+def _reader(socket: Any, kc: AsyncKernelClient) -> Callable[[], Awaitable[Message]]:
+    """The next good message of a kernel's socket; bad ones are logged and skipped."""
+    reader = Reader(socket, kc.session.auth)
+
+    async def read() -> Message:
         while True:
-            interval = _POLL_BUSY if self._current is not None else _POLL_IDLE
-            self._busy.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._busy.wait(), interval)
-            if self._restarting or self.closed:
-                continue
-            provisioner: Any = self._km.provisioner
-            code = None if provisioner is None else await provisioner.poll()
-            if code is not None:
-                self.exit_code = code
-                log.warning("kernel %s died%s", self.kernel_id, self._exit_text())
-                self._set_state("dead")
-                self._end_current()
-                return
+            try:
+                return await reader.next()
+            except BadMessage as exc:
+                log.warning("ignored a kernel message: %s", exc)
+
+    return read
 
 
 def _builtins(result: t.ExecuteResult) -> Any:

@@ -16,12 +16,12 @@ from cellbox import errors
 from cellbox import types as t
 from cellboxd import inventory
 from cellboxd.backends.base import OnLine, SandboxRuntime
-from cellboxd.backends.docker import DockerSandbox
 from cellboxd.backends.local import LocalSandbox
 from cellboxd.config import Settings
-from cellboxd.engine import DockerEngine
+from cellboxd.engine import DEFAULT_VARIANT, DockerEngine
 from cellboxd.execution import Notify
 from cellboxd.kernels import Kernel
+from cellboxd.pool import Key, WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class Sandbox:
         self.info = info
         self.runtime = runtime
         self.kernels: dict[str, Kernel] = {}
+        self.spare: Kernel | None = None  # a pooled sandbox's kernel, for its first startKernel
         # serializes package installs: two pips in one environment at once corrupt it
         self.install_lock = asyncio.Lock()
 
@@ -57,7 +58,8 @@ class SandboxManager:
         self._notify = notify
         self._sandboxes: dict[str, Sandbox] = {}
         self._kernels: dict[str, Kernel] = {}
-        self._swept = False
+        self._sweeping: asyncio.Task[None] | None = None
+        self.pool: WarmPool[Sandbox] = WarmPool(self._make_pooled, self._discard, _spare_alive)
 
     @property
     def _root(self) -> Path:
@@ -68,6 +70,26 @@ class SandboxManager:
 
     # -- sandboxes --------------------------------------------------------------------------
 
+    def sweep_orphans(self) -> None:
+        """Removes, in the background, what daemons that were killed left behind: their sandbox
+        folders and, when docker ones are among them, their containers (only then is the
+        docker SDK loaded)."""
+
+        async def sweep() -> None:
+            if "docker" in await asyncio.to_thread(inventory.orphan_backends, self._root):
+                await self.docker.sweep_orphans()
+            await asyncio.to_thread(inventory.remove_orphan_folders, self._root)
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("cannot remove what killed daemons left: %s", task.exception())
+
+        self._sweeping = asyncio.create_task(sweep(), name="sweep")
+        self._sweeping.add_done_callback(done)
+
+    def configure_pool(self, specs: list[t.PoolSpec]) -> None:
+        self.pool.configure({_pool_key(spec.backend, spec.image): spec.size for spec in specs})
+
     async def create(self, params: t.CreateSandboxParams, on_line: OnLine) -> Sandbox:
         backend = params.backend or self._settings().default_backend
         if backend == "local" and (params.image or params.mounts or params.limits or params.network):
@@ -75,9 +97,20 @@ class SandboxManager:
                 "Invalid params: `image`, `mounts`, `limits` and `network` need the docker backend; "
                 "the local backend isolates nothing"
             )
-        if not self._swept:
-            self._swept = True
-            await asyncio.to_thread(inventory.remove_orphan_folders, self._root)
+        sandbox = self.pool.take(_pool_key(backend, params.image)) if _poolable(params) else None
+        if sandbox is not None:
+            sandbox.info.created_at = _now()
+            on_line("taken from the warm pool")
+        else:
+            sandbox = await self._make(backend, params, on_line)
+        sandbox.info.name = params.name
+        self._sandboxes[sandbox.sandbox_id] = sandbox
+        log.info("%s sandbox %s created in %s", backend, sandbox.sandbox_id, sandbox.runtime.workspace.parent)
+        return sandbox
+
+    async def _make(self, backend: t.Backend, params: t.CreateSandboxParams, on_line: OnLine) -> Sandbox:
+        if self._sweeping is not None:  # so that a killed daemon's sandboxes never outlive ours
+            await asyncio.wait([self._sweeping])
         sandbox_id = "sb-" + secrets.token_hex(6)
         root = self._root / sandbox_id
         root.mkdir(parents=True)
@@ -86,6 +119,8 @@ class SandboxManager:
         image: str | None = None
         try:
             if backend == "docker":
+                from cellboxd.backends.docker import DockerSandbox  # the docker SDK, when needed
+
                 client = await self.docker.client()
                 image = await self.docker.resolve_image(params.image, on_line)
                 runtime = await asyncio.to_thread(
@@ -97,6 +132,7 @@ class SandboxManager:
                         daemon_id=self.docker.daemon_id,
                         image=image,
                         params=params,
+                        sockets=self._settings().runtime_path / sandbox_id,
                     )
                 )
             else:
@@ -105,18 +141,32 @@ class SandboxManager:
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
-        info = t.SandboxInfo(
-            sandbox_id=sandbox_id,
-            backend=backend,
-            kernels=[],
-            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-            image=image,
-            name=params.name,
-        )
-        sandbox = Sandbox(info, runtime)
-        self._sandboxes[sandbox_id] = sandbox
-        log.info("%s sandbox %s created in %s", backend, sandbox_id, root)
+        info = t.SandboxInfo(sandbox_id, backend, kernels=[], created_at=_now(), image=image)
+        return Sandbox(info, runtime)
+
+    async def _make_pooled(self, key: Key) -> Sandbox:
+        """A sandbox for the warm pool, with its spare kernel started; its kernel says nothing."""
+        backend, image = key
+        sandbox = await self._make(backend, t.CreateSandboxParams(backend=backend, image=image), log.debug)
+
+        def watch(method: str, params: object) -> None:
+            """Nobody hears a pooled kernel; its death makes the pool replace it."""
+            if isinstance(params, t.KernelStatusNotification) and params.state == "dead":
+                self.pool.evict(key, sandbox)
+
+        try:
+            sandbox.spare = await self._start(sandbox, name=None, notify=watch)
+        except BaseException:
+            await self._discard(sandbox)
+            raise
         return sandbox
+
+    async def _discard(self, sandbox: Sandbox) -> None:
+        """Destroys a sandbox that is not (or no longer) the client's."""
+        kernels = [*sandbox.kernels.values(), *([sandbox.spare] if sandbox.spare else [])]
+        sandbox.spare = None
+        await asyncio.gather(*(self._drop_kernel(k, now=True) for k in kernels))
+        await sandbox.runtime.close()
 
     def get(self, sandbox_id: str) -> Sandbox:
         try:
@@ -130,13 +180,17 @@ class SandboxManager:
     async def destroy(self, sandbox_id: str, now: bool = False) -> None:
         sandbox = self.get(sandbox_id)
         del self._sandboxes[sandbox_id]
-        await asyncio.gather(*(self._drop_kernel(k, now) for k in list(sandbox.kernels.values())))
+        kernels = [*sandbox.kernels.values(), *([sandbox.spare] if sandbox.spare else [])]
+        sandbox.spare = None
+        await asyncio.gather(*(self._drop_kernel(k, now) for k in kernels))
         await sandbox.runtime.close()
         log.info("sandbox %s destroyed", sandbox_id)
 
     async def close_all(self) -> None:
-        """Stops every kernel and removes every sandbox, at once (the daemon is leaving)."""
+        """Stops every kernel and removes every sandbox, the pool's too, at once (the daemon is
+        leaving)."""
         await asyncio.gather(
+            self.pool.close(),
             *(self.destroy(sandbox_id, now=True) for sandbox_id in list(self._sandboxes)),
             return_exceptions=True,
         )
@@ -145,6 +199,18 @@ class SandboxManager:
 
     async def start_kernel(self, params: t.StartKernelParams) -> Kernel:
         sandbox = self.get(params.sandbox_id)
+        spare, sandbox.spare = sandbox.spare, None
+        if spare is not None and _alive(spare):
+            spare.adopt(self._notify, params.name)
+            sandbox.kernels[spare.kernel_id] = spare
+            self._kernels[spare.kernel_id] = spare
+            return spare
+        if spare is not None:
+            await self._drop_kernel(spare, now=True)
+        kernel = await self._start(sandbox, params.name, self._notify)
+        return kernel
+
+    async def _start(self, sandbox: Sandbox, name: str | None, notify: Notify) -> Kernel:
         settings = self._settings()
         kernel_id = "k-" + secrets.token_hex(6)
         kernel = Kernel(
@@ -155,12 +221,13 @@ class SandboxManager:
             text_cap=settings.text_cap,
             interrupt_grace=settings.interrupt_grace,
             start_timeout=settings.kernel_start_timeout,
-            notify=self._notify,
+            notify=notify,
             drain=self._drain,
-            name=params.name,
+            name=name,
         )
-        sandbox.kernels[kernel_id] = kernel
-        self._kernels[kernel_id] = kernel
+        if notify is self._notify:  # not a pooled kernel, which is nobody's yet
+            sandbox.kernels[kernel_id] = kernel
+            self._kernels[kernel_id] = kernel
         try:
             await kernel.start()
         except BaseException:
@@ -185,3 +252,24 @@ class SandboxManager:
         if sandbox is not None:
             sandbox.kernels.pop(kernel.kernel_id, None)
             sandbox.runtime.release_kernel(kernel.kernel_id)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _alive(kernel: Kernel) -> bool:
+    return not kernel.closed and kernel.state not in ("dead", "restarting")
+
+
+def _spare_alive(sandbox: Sandbox) -> bool:
+    return sandbox.spare is not None and _alive(sandbox.spare)
+
+
+def _pool_key(backend: t.Backend, image: str | None) -> Key:
+    return (backend, image or DEFAULT_VARIANT) if backend == "docker" else (backend, None)
+
+
+def _poolable(params: t.CreateSandboxParams) -> bool:
+    """Whether a pooled sandbox is what the request asks for: nothing it sets is made at creation."""
+    return not (params.env or params.mounts or params.limits) and params.network in (None, "bridge")

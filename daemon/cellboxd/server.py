@@ -7,9 +7,8 @@ import contextlib
 import functools
 import logging
 import signal
-import sys
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -20,8 +19,8 @@ from pygls.workspace import TextDocument
 
 from cellbox import __version__, errors, methods
 from cellbox import types as t
-from cellboxd import documents, images, logs, packages, skills
-from cellboxd.config import ConfigError, Settings, load_settings
+from cellboxd import documents, logs, packages, skills
+from cellboxd.config import Settings
 from cellboxd.engine import DockerEngine
 from cellboxd.kernels import Kernel
 from cellboxd.progress import WorkDone
@@ -43,10 +42,12 @@ class CellboxServer(LanguageServer):
         self.sandboxes = SandboxManager(
             lambda: self.settings, self.protocol.send_notification, self._drain, self.docker
         )
-        self._background: set[asyncio.Task[Any]] = set()
         self.protocol.on_initialize = self._on_initialize
 
+        self._shutting_down: asyncio.Task[Any] | None = None
+
         async def on_shutdown(*_: Any) -> None:
+            self._shutting_down = asyncio.current_task()
             await self.sandboxes.close_all()
 
         self.feature(lsp.SHUTDOWN)(on_shutdown)
@@ -103,23 +104,12 @@ class CellboxServer(LanguageServer):
             default_backend=self.settings.default_backend,
         )
         result.capabilities.experimental = {"cellbox": msgspec.to_builtins(capabilities)}
+        self.sandboxes.configure_pool(self.settings.pool)
         log.info("initialized by %s", params.client_info.name if params.client_info else "a client")
 
     async def _drain(self) -> None:
         if isinstance(writer := self.protocol.writer, Writer):
             await writer.drain()
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Runs background work whose failure is logged, not lost."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-
-        def done(task: asyncio.Task[Any]) -> None:
-            self._background.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("background work failed: %s", task.exception())
-
-        task.add_done_callback(done)
 
     async def serve_stdio(self) -> int:
         loop = asyncio.get_running_loop()
@@ -127,8 +117,8 @@ class CellboxServer(LanguageServer):
         stop = asyncio.Event()
         writer = await Writer.open(out_fd, on_lost=stop.set)
         self.protocol.set_writer(writer)
-        # containers of daemons that were killed go as soon as the next one starts
-        self._spawn(self.docker.sweep_orphans())
+        # sandboxes of daemons that were killed go as soon as the next one starts
+        self.sandboxes.sweep_orphans()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         waits = [
@@ -139,6 +129,10 @@ class CellboxServer(LanguageServer):
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in waits:
             task.cancel()
+        if self._shutting_down is not None and not stop.is_set():
+            # `exit` right behind `shutdown`: shutdown finishes and is answered first (pygls
+            # answers from a callback that runs before this wait's own)
+            await asyncio.wait([self._shutting_down], timeout=_TEARDOWN_SECONDS)
         await self._teardown()
         writer.close()
         return 0 if self.protocol._shutdown else 1
@@ -168,7 +162,7 @@ class CellboxServer(LanguageServer):
         )
 
     async def list_sandboxes(self, params: t.ListSandboxesParams) -> t.ListSandboxesResult:
-        return t.ListSandboxesResult(self.sandboxes.list())
+        return t.ListSandboxesResult(self.sandboxes.list(), self.sandboxes.pool.status())
 
     async def destroy_sandbox(self, params: t.DestroySandboxParams) -> None:
         await self.sandboxes.destroy(params.sandbox_id)
@@ -229,11 +223,15 @@ class CellboxServer(LanguageServer):
         return kernel, self.workspace.get_text_document(uri)
 
     async def build_image(self, params: t.BuildImageParams) -> t.BuildImageResult:
+        from cellboxd import images  # with the docker SDK and poetry-core: only when used
+
         client = await self.docker.client()
         with WorkDone(self.work_done_progress, params.work_done_token, "Building image") as progress:
             return await images.build_image(client, params, on_line=progress.report)
 
     async def list_images(self, params: t.ListImagesParams) -> t.ListImagesResult:
+        from cellboxd import images
+
         client = await self.docker.client()
         return t.ListImagesResult(await asyncio.to_thread(images.list_images, client))
 
@@ -258,15 +256,8 @@ def _wire(method: str, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[An
     return wired
 
 
-def serve(
-    *, log_level: str | None = None, data_dir: str | None = None, default_backend: str | None = None
-) -> int:
+def serve(settings: Settings) -> int:
     """Runs the daemon on stdin/stdout until `exit`, end of input or SIGTERM; the exit code."""
-    try:
-        settings = load_settings(log_level=log_level, data_dir=data_dir, default_backend=default_backend)
-    except ConfigError as exc:
-        print(f"cellbox: {exc}", file=sys.stderr)
-        return 2
     logs.setup(settings)
     server = CellboxServer(settings)
     with contextlib.suppress(KeyboardInterrupt):

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Generator
 from typing import Any, BinaryIO
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_HEADER_LINE = 8192  # bytes; longer lines are not headers
 _CHUNK = 1 << 20
+_JOIN_BELOW = 64 * 1024  # a body smaller than this goes out in one write with its header
 _HEADER_NAME = re.compile(rb"[A-Za-z0-9-]+")
 
 _encoder = msgspec.json.Encoder()
@@ -39,6 +41,12 @@ class _Notification(msgspec.Struct, kw_only=True):
     jsonrpc: str = "2.0"
     method: str
     params: Any
+
+
+class _Response(msgspec.Struct, kw_only=True):
+    jsonrpc: str = "2.0"
+    id: int | str | None
+    result: Any
 
 
 class _ErrorBody(msgspec.Struct, omit_defaults=True):
@@ -63,10 +71,14 @@ class Writer:
     HIGH_WATER = 4 * 1024 * 1024
 
     def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
         self._transport: asyncio.WriteTransport | None = None
         self._stream: BinaryIO | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._pending = bytearray()  # small frames of this turn of the loop
+        self._flush_soon = False
         self.closed = False
 
     @classmethod
@@ -97,20 +109,43 @@ class Writer:
         return writer
 
     def write(self, body: bytes) -> None:
-        """Writes one frame; header and body go separately, so a large body is not copied."""
+        """Writes one frame. Small frames written in one turn of the event loop go out together
+        at its end, in one system call; a large one goes at once, its body not copied."""
         if self.closed:
             return
+        if threading.get_ident() != self._thread:  # a log record of a worker thread
+            self._loop.call_soon_threadsafe(self.write, body)
+            return
         header = b"Content-Length: %d\r\n\r\n" % len(body)
+        if len(body) >= _JOIN_BELOW:
+            self.flush()
+            self._put(header)
+            self._put(body)
+            return
+        self._pending += header
+        self._pending += body
+        if not self._flush_soon:
+            self._flush_soon = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Writes the small frames that wait."""
+        self._flush_soon = False
+        if self._pending:
+            data, self._pending = bytes(self._pending), bytearray()
+            self._put(data)
+
+    def _put(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             if self._transport is not None:
                 if self._transport.is_closing():
                     self.closed = True
                     return
-                self._transport.write(header)
-                self._transport.write(body)
+                self._transport.write(data)
             elif self._stream is not None:
-                self._stream.write(header)
-                self._stream.write(body)
+                self._stream.write(data)
         except (BrokenPipeError, ConnectionResetError, ValueError):
             self.closed = True
 
@@ -119,6 +154,7 @@ class Writer:
         await self._can_write.wait()
 
     def close(self) -> None:
+        self.flush()
         self.closed = True
         if self._transport is not None:
             self._transport.close()
@@ -158,6 +194,21 @@ class CellboxProtocol(LanguageServerProtocol):
         """The fast path: one msgspec encode, one write."""
         if self.writer is not None:
             self.writer.write(_encoder.encode(_Notification(method=method, params=params)))
+
+    def _send_response(self, msg_id: Any, result: Any | None = None, error: Any = None) -> None:
+        """cellbox's own results (msgspec structs) are encoded directly, not through cattrs."""
+        if error is not None or hasattr(result, "__attrs_attrs__") or self.writer is None:
+            super()._send_response(msg_id, result, error)
+            return
+        self._result_types.pop(msg_id, None)
+        try:
+            body = _encoder.encode(_Response(id=msg_id, result=result))
+        except (TypeError, ValueError):
+            log.exception("cannot encode the result of request %r", msg_id)
+            body = _encoder.encode(
+                _ErrorResponse(id=msg_id, error=_ErrorBody(ErrorCode.INTERNAL_ERROR, "unencodable result"))
+            )
+        self.writer.write(body)
 
     def send_error(self, msg_id: int | str | None, code: int, message: str, data: Any = None) -> None:
         if self.writer is not None:

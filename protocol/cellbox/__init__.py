@@ -35,6 +35,7 @@ from cellbox.errors import (
     ServerNotInitialized,
     TransportError,
 )
+from cellbox.types import PoolSpec
 
 __all__ = [
     "AsyncClient",
@@ -59,6 +60,7 @@ __all__ = [
     "MethodNotFound",
     "ModuleNotFound",
     "ParseError",
+    "PoolSpec",
     "ProtocolError",
     "RequestCancelled",
     "Sandbox",

@@ -144,8 +144,10 @@ class AsyncClient:
     Use it as `async with AsyncClient() as client:`, or call `start()` and `close()`.
     `command` overrides the daemon command (see `default_command`), `env` adds variables to
     its environment, and `stderr` is where its logs go (inherited by default; a file or
-    `subprocess.DEVNULL` also work). `default_backend`, `data_dir` and `log_level` are sent
-    as `initializationOptions`. `on_log` receives the daemon's `window/logMessage` texts.
+    `subprocess.DEVNULL` also work). `default_backend`, `data_dir`, `log_level` and `pool` are
+    sent as `initializationOptions`; `pool` (e.g. `[PoolSpec("local", size=2)]`) keeps that many
+    sandboxes ready, each with a kernel started, so that a sandbox and its first kernel come at
+    once. `on_log` receives the daemon's `window/logMessage` texts.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class AsyncClient:
         default_backend: t.Backend | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         log_level: LogLevel | None = None,
+        pool: Sequence[t.PoolSpec] | None = None,
         env: Mapping[str, str] | None = None,
         stderr: int | IO[Any] | None = None,
         on_log: Callable[[str], None] | None = None,
@@ -164,6 +167,7 @@ class AsyncClient:
             default_backend=default_backend,
             data_dir=os.fspath(data_dir) if data_dir is not None else None,
             log_level=log_level,
+            pool=list(pool) if pool is not None else None,
         )
         self._env = {**os.environ, **env} if env is not None else None
         self._stderr = stderr
@@ -474,6 +478,11 @@ class AsyncClient:
         result: t.ListSandboxesResult = await self.request(methods.LIST_SANDBOXES, t.ListSandboxesParams())
         return result.sandboxes
 
+    async def pool_status(self) -> list[t.PoolStatus]:
+        """The warm pool: per backend and image, how many sandboxes it keeps and how many are ready."""
+        result: t.ListSandboxesResult = await self.request(methods.LIST_SANDBOXES, t.ListSandboxesParams())
+        return result.pool
+
     # --- images --------------------------------------------------------------------------
 
     async def build_image(
@@ -746,6 +755,7 @@ class Client:
         default_backend: t.Backend | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         log_level: LogLevel | None = None,
+        pool: Sequence[t.PoolSpec] | None = None,
         env: Mapping[str, str] | None = None,
         stderr: int | IO[Any] | None = None,
         on_log: Callable[[str], None] | None = None,
@@ -755,6 +765,7 @@ class Client:
             default_backend=default_backend,
             data_dir=data_dir,
             log_level=log_level,
+            pool=pool,
             env=env,
             stderr=stderr,
             on_log=on_log,
@@ -841,6 +852,9 @@ class Client:
 
     def list_sandboxes(self) -> list[t.SandboxInfo]:
         return self._call(self._async.list_sandboxes())
+
+    def pool_status(self) -> list[t.PoolStatus]:
+        return self._call(self._async.pool_status())
 
     def build_image(
         self,

@@ -37,12 +37,26 @@ class Struct(msgspec.Struct, rename="camel", omit_defaults=True):
 # --- lifecycle ---------------------------------------------------------------------------
 
 
+class PoolSpec(Struct, forbid_unknown_fields=True):
+    """How many sandboxes of a backend and image the warm pool keeps ready, each with one
+    kernel started. `image` is for docker only: a tag or a built-in variant (default `minimal`)."""
+
+    backend: Backend = "local"
+    image: NonEmptyStr | None = None
+    size: Annotated[int, msgspec.Meta(ge=0, le=32)] = 1
+
+    def __post_init__(self) -> None:
+        if self.backend == "local" and self.image is not None:
+            raise ValueError("a pool's `image` needs backend 'docker'")
+
+
 class InitializationOptions(Struct):
     """`initializationOptions` of LSP `initialize`."""
 
     default_backend: Backend | None = None
     data_dir: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] | None = None
+    pool: list[PoolSpec] | None = None
 
 
 class CellboxCapabilities(Struct):
@@ -99,8 +113,18 @@ class SandboxInfo(Struct):
     name: str | None = None
 
 
+class PoolStatus(Struct):
+    """One kind of sandbox the warm pool keeps: how many it should, how many are ready now."""
+
+    backend: Backend
+    size: int
+    ready: int
+    image: str | None = None
+
+
 class ListSandboxesResult(Struct):
     sandboxes: list[SandboxInfo]
+    pool: list[PoolStatus] = msgspec.field(default_factory=list)
 
 
 class DestroySandboxParams(Struct):

@@ -94,6 +94,12 @@ async def run(
             rows += await _case(
                 log, "first result", backend, functools.partial(cases.first_result, bench, backend)
             )
+            rows += await _case(
+                log,
+                "first result, warm pool",
+                backend,
+                functools.partial(cases.first_result_pooled, bench, backend),
+            )
         for backend in backends:
             rows += await _case(log, "session", backend, functools.partial(_session, bench, backend, log))
             count = plan.churn if backend == "local" else plan.docker_churn

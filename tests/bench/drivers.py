@@ -4,7 +4,7 @@ cellbox is driven through its Python `AsyncClient`, as users drive it. The basel
 loop on jupyter_client's `AsyncKernelClient` talking to the same kind of kernel directly: on
 `local` an ipykernel that `AsyncKernelManager` starts with this interpreter over IPC sockets
 (as cellbox's local kernels), on `docker` ipykernels in a container of cellbox's own image,
-reached on ports published on 127.0.0.1 (as cellbox's docker kernels).
+over IPC sockets in a bind-mounted folder (as cellbox's docker kernels).
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from cellbox import AsyncClient, AsyncKernel, CellboxError
+from cellbox import AsyncClient, AsyncKernel, CellboxError, PoolSpec
 from cellbox import types as t
 from cellboxd.backends.docker import PYTHON as IMAGE_PYTHON
+from cellboxd.images import LABEL_GID, LABEL_UID
 
 T = TypeVar("T")
 
 DAEMON = [sys.executable, "-m", "cellboxd", "serve", "--log-level", "warning"]
 BENCH_LABEL = "cellbox-bench.pid"  # on the baseline's containers: the benchmark's PID
 _CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-# below Linux's ephemeral range (32768-60999), which a kernel's own sockets draw from
-_PORT_BASE = 20000
+_CONN = "/conn"  # the docker baseline's folder of connection files and sockets, in its container
 _READY_TIMEOUT = 60.0
 
 
@@ -80,12 +80,13 @@ async def cellbox_call(what: str, seconds: float) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def daemon(home: Path) -> AsyncIterator[AsyncClient]:
-    """A started client whose daemon keeps its state under `home` and sends its logs nowhere."""
+async def daemon(home: Path, pool: list[PoolSpec] | None = None) -> AsyncIterator[AsyncClient]:
+    """A started client whose daemon keeps its state under `home` and sends its logs nowhere;
+    `pool` is its warm pool."""
     env = {f"CELLBOX_{name.upper()}_DIR": str(home / name) for name in ("data", "log", "cache")}
     env["CELLBOX_RUNTIME_DIR"] = str(home / "run")
     env["CELLBOX_CONFIG"] = str(home / "config.toml")  # absent: the user's config plays no part
-    client = AsyncClient(DAEMON, env=env, stderr=subprocess.DEVNULL)
+    client = AsyncClient(DAEMON, env=env, stderr=subprocess.DEVNULL, pool=pool)
     async with cellbox_call("starting the daemon", 30):
         await client.start()
     try:
@@ -189,44 +190,45 @@ async def local_kernels(home: Path, n: int) -> AsyncIterator[list[AsyncKernelCli
         )
 
 
-def _connection_files(home: Path, n: int, key: str) -> tuple[Path, list[list[int]]]:
-    """A fresh folder with the connection files of `n` kernels in a container, and their ports."""
+def _connection_files(engine: docker.DockerClient, home: Path, image: str, n: int, key: str) -> Path:
+    """A fresh folder with the connection files of `n` kernels in a container of `image`; their
+    IPC sockets are made there too, so it is the image's user's (as a docker sandbox's sockets)."""
     folder = Path(tempfile.mkdtemp(prefix="dk-", dir=home))
-    folder.chmod(0o755)  # the image's user reads them
-    inside = [[_PORT_BASE + 5 * i + j for j in range(5)] for i in range(n)]
-    for i, ports in enumerate(inside):
-        info = {**dict(zip(_CHANNELS, ports, strict=True)), "ip": "0.0.0.0", "transport": "tcp"}
-        path = folder / f"k{i}.json"
-        path.write_text(json.dumps({**info, "key": key, "signature_scheme": "hmac-sha256"}))
-        path.chmod(0o644)
-    return folder, inside
+    for i in range(n):
+        info: dict[str, Any] = dict(zip(_CHANNELS, range(1, 6), strict=True))
+        info.update(ip=f"{_CONN}/k{i}", transport="ipc", key=key, signature_scheme="hmac-sha256")
+        (folder / f"k{i}.json").write_text(json.dumps(info))
+    if os.getuid() == 0:  # else the image's user has our UID (cellbox builds it so)
+        labels = engine.images.get(image).labels or {}
+        uid, gid = int(labels[LABEL_UID]), int(labels[LABEL_GID])
+        for path in (folder, *folder.iterdir()):
+            os.chown(path, uid, gid)
+    return folder
 
 
 @contextlib.asynccontextmanager
 async def docker_kernels(
     engine: docker.DockerClient, home: Path, image: str, n: int
 ) -> AsyncIterator[list[AsyncKernelClient]]:
-    """`n` ipykernels in one container of `image` (`docker run`), on ports published on 127.0.0.1."""
+    """`n` ipykernels in one container of `image` (`docker run`), over IPC sockets in a bind mount."""
     key = secrets.token_hex(16)
-    folder, inside = _connection_files(home, n, key)
-    launch = f'for f in /conn/*.json; do {IMAGE_PYTHON} -m ipykernel_launcher -f "$f" & done; wait'
+    folder = await asyncio.to_thread(_connection_files, engine, home, image, n, key)
+    launch = f'for f in {_CONN}/*.json; do {IMAGE_PYTHON} -m ipykernel_launcher -f "$f" & done; wait'
     container = await asyncio.to_thread(
         engine.containers.run,
         image,
         ["sh", "-c", launch],
         detach=True,
         init=True,
-        ports={f"{p}/tcp": ("127.0.0.1", None) for ports in inside for p in ports},
-        mounts=[docker.types.Mount("/conn", str(folder), type="bind", read_only=True)],
+        mounts=[docker.types.Mount(_CONN, str(folder), type="bind")],
         labels={BENCH_LABEL: str(os.getpid())},
     )
     clients: list[AsyncKernelClient] = []
     try:
-        await asyncio.to_thread(container.reload)
-        published = _published(container.attrs)
-        for ports in inside:
-            info: Any = dict(zip(_CHANNELS, (published[p] for p in ports), strict=True))
-            info.update(ip="127.0.0.1", key=key.encode(), transport="tcp", signature_scheme="hmac-sha256")
+        for i in range(n):
+            info: Any = dict(zip(_CHANNELS, range(1, 6), strict=True))
+            info.update(ip=str(folder / f"k{i}"), key=key.encode(), transport="ipc")
+            info.update(signature_scheme="hmac-sha256")
             kc = AsyncKernelClient()
             kc.load_connection_info(info)
             clients.append(kc)
@@ -249,15 +251,6 @@ async def _ready(clients: list[AsyncKernelClient]) -> None:
     await gather_all(*(kc.wait_for_ready(timeout=_READY_TIMEOUT) for kc in clients))
     for kc in clients:
         kc.hb_channel.start()
-
-
-def _published(attrs: dict[str, Any]) -> dict[int, int]:
-    """Container port -> the host port the engine published it on."""
-    return {
-        int(spec.split("/")[0]): int(bindings[0]["HostPort"])
-        for spec, bindings in (attrs["NetworkSettings"]["Ports"] or {}).items()
-        if bindings
-    }
 
 
 def remove_stale_containers(engine: docker.DockerClient) -> None:

@@ -3,10 +3,23 @@
 The container runs `sleep infinity` under docker-init, hardened (non-root, all capabilities
 dropped, no-new-privileges) and limited as asked. Its workspace is a host folder mounted at
 `/workspace`, so the daemon saves images and the user drops skills there as on the local
-backend. Each kernel gets a slot of five container ports; the daemon reaches them through
-ports that the engine publishes on its host's loopback only, and signs its messages with the
-kernel's own key. Kernels are launched through a jupyter_client provisioner that talks to the
-engine, so a kernel whose process or container goes away is noticed at once.
+backend.
+
+Kernels talk to the daemon over zmq IPC, as local kernels do: each sandbox has a folder of unix
+sockets in the daemon's runtime dir (short, as a socket path must stay under 108 bytes),
+bind-mounted read-write at `/run/cellbox/sockets`, where its kernels bind their five sockets
+and the daemon connects to them; each kernel's credits FIFO (see base.py) is there too. The
+container publishes no ports, so it starts and goes away in a fraction of a second, and a
+sandbox with `network: "none"` is reached the same way. The daemon signs its messages with
+each kernel's own key. Kernels are launched through a jupyter_client provisioner that talks
+to the engine, so a kernel whose process or container goes away is noticed at once. A sandbox
+runs any number of kernels: each is a process in the container, so the sandbox's limits
+(`pids`, memory) are what bound them.
+
+The engine must share the daemon's filesystem: Docker Engine on the daemon's machine. The
+workspace and the sockets are bind mounts of the daemon's folders, and a unix socket joins
+the processes of one operating system only: an engine in a VM (Docker Desktop) or on another
+machine cannot carry it.
 """
 
 from __future__ import annotations
@@ -16,9 +29,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,16 +45,15 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from cellbox import errors
 from cellbox import types as t
 from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_manager
-from cellboxd.backends.forward import PortForward
+from cellboxd.inventory import SOCKETS_LINK
 
 log = logging.getLogger(__name__)
 
 PYTHON = "/opt/cellbox/venv/bin/python"
 WORKSPACE = "/workspace"
-CONNECTIONS = "/run/cellbox"
-KERNEL_SLOTS = 8  # kernels a docker sandbox can run at once
-_PORT_BASE = 20000  # below Linux's ephemeral range, where the kernels' own sockets would race
-_CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+CONNECTIONS = "/run/cellbox/kernels"  # the kernels' connection files, read-only
+SOCKETS = "/run/cellbox/sockets"  # the kernels' IPC sockets, shared with the daemon
+_START_TIMEOUT = 30.0  # seconds for `docker exec` to report a kernel's PID
 
 LABEL_SANDBOX = "cellbox.sandbox"
 LABEL_DAEMON = "cellbox.daemon"
@@ -53,6 +66,10 @@ def connect() -> docker.DockerClient:
     where = os.environ.get("DOCKER_HOST") or "the default socket (unix:///var/run/docker.sock)"
     try:
         client = docker.from_env(timeout=30)
+        # one connection per request, closed when it is answered: the SDK keeps a pool per URL
+        # (25 of them), so kept-alive connections would pile up with every container and exec
+        # id; a unix socket costs microseconds to open, an engine call milliseconds
+        client.api.headers["Connection"] = "close"
         client.ping()
     except Exception as exc:
         raise errors.BackendUnavailable(
@@ -64,19 +81,22 @@ def connect() -> docker.DockerClient:
 
 
 class DockerSandbox:
-    def __init__(self, client: docker.DockerClient, root: Path, container: Any, image: str) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        root: Path,
+        sockets: Path,
+        container: Any,
+        image: str,
+        owner: tuple[int, int] | None = None,
+    ) -> None:
         self.root = root
         self.image = image
         self._client = client
         self._container = container
-        self._slots: dict[str, int] = {}
-        self._logs: list[BinaryIO] = []
-        self._ports: dict[int, int] = _published_ports(container)
-        self._forward = (
-            PortForward(client, container.id, PYTHON)
-            if container.attrs["HostConfig"]["NetworkMode"] == "none"
-            else None
-        )
+        self._sockets = sockets
+        self._owner = owner  # the image's user, who is given the kernels' files; None: the daemon's
+        self._logs: dict[str, BinaryIO] = {}
 
     @property
     def workspace(self) -> Path:
@@ -104,101 +124,54 @@ class DockerSandbox:
         daemon_id: str,
         image: str,
         params: t.CreateSandboxParams,
+        sockets: Path,
     ) -> DockerSandbox:
+        """A sandbox's container; `sockets` is a new folder for its kernels' IPC sockets, short
+        and private to the daemon's user (`runtime_dir/<sandbox id>`), removed with the sandbox."""
         workspace = root / "workspace"
         for sub in ("skills", "images"):
             (workspace / sub).mkdir(parents=True, exist_ok=True)
         (root / "kernels").mkdir(exist_ok=True)
-        _share_workspace(client, image, workspace)
-        mounts = [
-            docker.types.Mount(WORKSPACE, str(workspace), type="bind"),
-            docker.types.Mount(CONNECTIONS, str(root / "kernels"), type="bind", read_only=True),
-            *(
-                docker.types.Mount(m.target, os.path.abspath(m.source), type="bind", read_only=m.read_only)
-                for m in params.mounts
-            ),
-        ]
-        limits = params.limits or t.Limits()
-        kwargs: dict[str, Any] = {}
-        if limits.memory_mb is not None:
-            kwargs["mem_limit"] = kwargs["memswap_limit"] = f"{limits.memory_mb}m"
-        if limits.cpus is not None:
-            kwargs["nano_cpus"] = int(limits.cpus * 1e9)
-        if limits.pids is not None:
-            kwargs["pids_limit"] = limits.pids
-        if params.network == "none":
-            # no network, so no ports: kernels are reached through `docker exec` (see forward.py)
-            kwargs["network_mode"] = "none"
-        else:
-            slots = range(_PORT_BASE, _PORT_BASE + 5 * KERNEL_SLOTS)
-            kwargs["ports"] = {f"{p}/tcp": ("127.0.0.1", None) for p in slots}
+        sockets.mkdir(mode=0o700)
         try:
-            container = client.containers.run(
-                image,
-                ["sleep", "infinity"],
-                name=f"cellbox-{sandbox_id}",
-                detach=True,
-                init=True,
-                environment=params.env,
-                working_dir=WORKSPACE,
-                mounts=mounts,
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                labels={
-                    LABEL_SANDBOX: sandbox_id,
-                    LABEL_DAEMON: daemon_id,
-                    LABEL_DAEMON_PID: str(os.getpid()),
-                    LABEL_HOST: os.uname().nodename,
-                },
-                **kwargs,
-            )
-            container.reload()
-        except docker.errors.ImageNotFound:
-            raise errors.ImageNotFound(f"image {image!r} not found", {"image": image}) from None
-        except docker.errors.APIError as exc:
-            raise errors.BackendUnavailable(
-                f"the engine refused the sandbox container: {exc.explanation or exc}", {"backend": "docker"}
-            ) from None
-        return cls(client, root, container, image)
+            # so that the sweep of orphans finds the folder even when the container is gone
+            (root / SOCKETS_LINK).symlink_to(sockets, target_is_directory=True)
+            owner = _share(client, image, workspace, sockets)
+            container = _run_container(client, root, sockets, sandbox_id, daemon_id, image, params)
+        except BaseException:
+            _rmtree(sockets)
+            raise
+        return cls(client, root, sockets, container, image, owner)
 
     def kernel_launch(self, kernel_id: str) -> KernelLaunch:
-        free = sorted(set(range(KERNEL_SLOTS)) - set(self._slots.values()))
-        if not free:
-            raise errors.InvalidParams(
-                f"Invalid params: a docker sandbox runs at most {KERNEL_SLOTS} kernels; shut one down first"
-            )
-        slot = self._slots[kernel_id] = free[0]
-        container_ports = [_PORT_BASE + 5 * slot + i for i in range(5)]
-        host_ports = [self._ports[p] for p in container_ports] if self._forward is None else []
+        # the kernel's credits FIFO (see base.py) sits with its sockets, where both ends reach it
+        credits = self._sockets / f"{kernel_id}.credits"
+        os.mkfifo(credits, 0o600)
+        if self._owner is not None:
+            os.chown(credits, *self._owner)
         km = kernel_manager(
             PYTHON,
             f"{CONNECTIONS}/{kernel_id}.json",
             # over the control channel: a signal would need a `docker exec` round trip first
             interrupt_mode="message",
-            ip="127.0.0.1",
+            credits=f"{SOCKETS}/{kernel_id}.credits",
+            transport="ipc",
+            ip=str(self._sockets / kernel_id),
             connection_file=str(self.root / "kernels" / f"{kernel_id}.host.json"),
         )
         log_path = self.root / "kernels" / f"{kernel_id}.log"
-        log_file = log_path.open("ab")
-        self._logs.append(log_file)
-        km.provisioner = ContainerProvisioner(
-            kernel_id=kernel_id,
-            kernel_spec=km._kernel_spec,
-            parent=km,
-        )
-        km.provisioner.setup(
-            self._client,
-            self._container,
-            self.root / "kernels",
-            container_ports,
-            host_ports,
-            log_file,
-            self._forward,
-        )
-        return KernelLaunch(km, {}, log_path)
+        log_file = self._logs[kernel_id] = log_path.open("ab")
+        provisioner = ContainerProvisioner(kernel_id=kernel_id, kernel_spec=km._kernel_spec, parent=km)
+        provisioner.setup(self._client, self._container, self.root / "kernels", log_file)
+        km.provisioner = provisioner
+        return KernelLaunch(km, {}, log_path, credits)
 
     def release_kernel(self, kernel_id: str) -> None:
-        self._slots.pop(kernel_id, None)
+        log_file = self._logs.pop(kernel_id, None)
+        if log_file is not None:
+            log_file.close()
+        with contextlib.suppress(OSError):
+            (self._sockets / f"{kernel_id}.credits").unlink()
 
     async def run(self, argv: list[str], on_line: OnLine | None = None) -> RunResult:
         loop = asyncio.get_running_loop()
@@ -210,36 +183,40 @@ class DockerSandbox:
         return await asyncio.to_thread(self._run, argv, emit if on_line is not None else None)
 
     def _run(self, argv: list[str], emit: OnLine | None) -> RunResult:
-        api = self._client.api
-        exec_id = api.exec_create(self.container_id, argv, workdir=WORKSPACE)["Id"]
         out: list[bytes] = []
         err: list[bytes] = []
         pending = b""
-        for stdout, stderr in api.exec_start(exec_id, stream=True, demux=True):
-            for chunk, sink in ((stdout, out), (stderr, err)):
-                if not chunk:
-                    continue
-                sink.append(chunk)
-                if emit is not None:
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        emit(line.decode(errors="replace"))
+
+        def take(chunk: bytes, sink: list[bytes]) -> None:
+            nonlocal pending
+            sink.append(chunk)
+            if emit is not None:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    emit(line.decode(errors="replace"))
+
+        code = exec_in(
+            self._client.api,
+            self.container_id,
+            argv,
+            on_stdout=lambda chunk: take(chunk, out),
+            on_stderr=lambda chunk: take(chunk, err),
+        )
         if emit is not None and pending:
             emit(pending.decode(errors="replace"))
-        code = api.exec_inspect(exec_id).get("ExitCode")
         return RunResult(
-            -1 if code is None else int(code),
+            -1 if code is None else code,
             b"".join(out).decode(errors="replace"),
             b"".join(err).decode(errors="replace"),
         )
 
     async def close(self) -> None:
-        if self._forward is not None:
-            await self._forward.close()
         await asyncio.to_thread(self._remove)
-        for log_file in self._logs:
+        for log_file in self._logs.values():
             log_file.close()
+        self._logs.clear()
+        await asyncio.to_thread(_rmtree, self._sockets)
         await asyncio.to_thread(_rmtree, self.root)
 
     def _remove(self) -> None:
@@ -247,45 +224,160 @@ class DockerSandbox:
             self._container.remove(force=True)
 
 
-def _share_workspace(client: docker.DockerClient, image: str, workspace: Path) -> None:
-    """Gives the workspace to the image's user, where the daemon runs as root.
+def _run_container(
+    client: docker.DockerClient,
+    root: Path,
+    sockets: Path,
+    sandbox_id: str,
+    daemon_id: str,
+    image: str,
+    params: t.CreateSandboxParams,
+) -> Any:
+    mounts = [
+        docker.types.Mount(WORKSPACE, str(root / "workspace"), type="bind"),
+        docker.types.Mount(CONNECTIONS, str(root / "kernels"), type="bind", read_only=True),
+        docker.types.Mount(SOCKETS, str(sockets), type="bind"),
+        *(
+            docker.types.Mount(m.target, os.path.abspath(m.source), type="bind", read_only=m.read_only)
+            for m in params.mounts
+        ),
+    ]
+    limits = params.limits or t.Limits()
+    kwargs: dict[str, Any] = {}
+    if limits.memory_mb is not None:
+        kwargs["mem_limit"] = kwargs["memswap_limit"] = f"{limits.memory_mb}m"
+    if limits.cpus is not None:
+        kwargs["nano_cpus"] = int(limits.cpus * 1e9)
+    if limits.pids is not None:
+        kwargs["pids_limit"] = limits.pids
+    if params.network == "none":
+        kwargs["network_mode"] = "none"  # the kernels' sockets are files: they need no network
+    try:
+        return client.containers.run(
+            image,
+            ["sleep", "infinity"],
+            name=f"cellbox-{sandbox_id}",
+            detach=True,
+            init=True,
+            environment=params.env,
+            working_dir=WORKSPACE,
+            mounts=mounts,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            labels={
+                LABEL_SANDBOX: sandbox_id,
+                LABEL_DAEMON: daemon_id,
+                LABEL_DAEMON_PID: str(os.getpid()),
+                LABEL_HOST: os.uname().nodename,
+            },
+            **kwargs,
+        )
+    except docker.errors.ImageNotFound:
+        raise errors.ImageNotFound(f"image {image!r} not found", {"image": image}) from None
+    except docker.errors.APIError as exc:
+        raise errors.BackendUnavailable(
+            f"the engine refused the sandbox container: {exc.explanation or exc}", {"backend": "docker"}
+        ) from None
 
-    Otherwise the image's user has the daemon's own UID, and the folder is already theirs.
+
+def _share(client: docker.DockerClient, image: str, workspace: Path, sockets: Path) -> tuple[int, int] | None:
+    """Gives the workspace and the sockets folder to the image's user, where the daemon runs as
+    root; that user's UID and GID, or None where nothing was given.
+
+    Otherwise the image's user has the daemon's own UID, and the folders are already theirs.
     """
     if os.getuid() != 0:
-        return
+        return None
     try:
         labels = client.images.get(image).labels or {}
         uid, gid = int(labels["cellbox.uid"]), int(labels["cellbox.gid"])
     except (docker.errors.ImageNotFound, KeyError, ValueError):
-        return
-    for path in (workspace, *workspace.rglob("*")):
+        return None
+    for path in (workspace, *workspace.rglob("*"), sockets):
         os.chown(path, uid, gid)
+    return uid, gid
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _published_ports(container: Any) -> dict[int, int]:
-    ports: dict[int, int] = {}
-    for spec, bindings in (container.attrs["NetworkSettings"]["Ports"] or {}).items():
-        for binding in bindings or []:
-            if binding.get("HostIp") in ("127.0.0.1", ""):
-                ports[int(spec.split("/")[0])] = int(binding["HostPort"])
-    return ports
+def exec_in(
+    api: Any,
+    container_id: str,
+    argv: list[str],
+    *,
+    on_stdout: Callable[[bytes], None] | None = None,
+    on_stderr: Callable[[bytes], None] | None = None,
+) -> int | None:
+    """Runs `argv` in the container (in the workspace) and waits for it; its exit code.
+
+    The exec's HTTP connection is closed when it ends: the SDK's stream keeps its socket in a
+    reference cycle, which only the garbage collector would break.
+    """
+    exec_id = api.exec_create(container_id, argv, workdir=WORKSPACE)["Id"]
+    stream = api.exec_start(exec_id, stream=True, demux=True)
+    try:
+        for stdout, stderr in stream:
+            if stdout and on_stdout is not None:
+                on_stdout(stdout)
+            if stderr and on_stderr is not None:
+                on_stderr(stderr)
+    finally:
+        close_stream(stream)
+    code = api.exec_inspect(exec_id).get("ExitCode")
+    return None if code is None else int(code)
+
+
+def close_stream(stream: Any) -> None:
+    """Closes a streamed exec's output and the HTTP response under it, releasing its socket now."""
+    with contextlib.suppress(Exception):
+        stream.close()  # shuts the socket down, which ends a read blocked in another thread
+    response = getattr(stream, "_response", None)
+    if response is not None:
+        with contextlib.suppress(Exception):
+            response.close()
 
 
 class _Run:
-    """One launch of a kernel process: its PID in the container, and how it ended."""
+    """One launch of a kernel process: its PID in the container, and how it ended.
 
-    def __init__(self) -> None:
+    The watcher thread fills it in; the event loop learns of it through futures that the
+    thread resolves with `call_soon_threadsafe`, so no thread waits on its behalf.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.pid: int | None = None
-        self.started = threading.Event()
-        self.ended = threading.Event()
         self.exit_code: int | None = None
+        self.ended = threading.Event()
+        self._loop = loop
+        self.started: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def set_started(self) -> None:
+        self._resolve(self.started)
+
+    def set_ended(self, code: int) -> None:
+        self.exit_code = code
+        self.ended.set()
+        self._resolve(self.started)
+        self._resolve(self.done)
+
+    def _resolve(self, future: asyncio.Future[None]) -> None:
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
+            self._loop.call_soon_threadsafe(resolve)
+
+    async def wait_ended(self) -> None:
+        if self.ended.is_set():
+            return
+        if self.done.get_loop() is asyncio.get_running_loop():
+            await asyncio.shield(self.done)  # a cancelled waiter leaves the future to the others
+        else:
+            await asyncio.to_thread(self.ended.wait)
 
 
 class ContainerProvisioner(KernelProvisionerBase):
@@ -297,21 +389,11 @@ class ContainerProvisioner(KernelProvisionerBase):
     """
 
     def setup(
-        self,
-        client: docker.DockerClient,
-        container: Any,
-        connections: Path,
-        container_ports: list[int],
-        host_ports: list[int],
-        log_file: BinaryIO,
-        forward: PortForward | None,
+        self, client: docker.DockerClient, container: Any, connections: Path, log_file: BinaryIO
     ) -> None:
         self._client = client
-        self._forward = forward
         self._container = container
         self._connections = connections
-        self._container_ports = container_ports
-        self._host_ports = host_ports
         self._log = log_file
         self._run: _Run | None = None
 
@@ -322,16 +404,10 @@ class ContainerProvisioner(KernelProvisionerBase):
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
         assert isinstance(km, AsyncKernelManager)
-        if self._forward is not None and not self._host_ports:
-            self._host_ports = [await self._forward.listen(port) for port in self._container_ports]
-        for name, port in zip(_CHANNELS, self._host_ports, strict=True):
-            setattr(km, name, port)
-        km.write_connection_file()
+        km.write_connection_file()  # the daemon's side: the host's socket paths
         self.connection_info = km.get_connection_info()
         inside = dict(self.connection_info)
-        inside.update(zip(_CHANNELS, self._container_ports, strict=True))
-        # published ports reach the container's interface; forwarded ones its loopback
-        inside["ip"] = "127.0.0.1" if self._forward is not None else "0.0.0.0"
+        inside["ip"] = f"{SOCKETS}/{self.kernel_id}"  # the same sockets, as the container sees them
         inside["key"] = km.session.key.decode()
         target = self._connections / f"{self.kernel_id}.json"
         target.write_text(json.dumps(inside))
@@ -339,16 +415,34 @@ class ContainerProvisioner(KernelProvisionerBase):
         return await super().pre_launch(cmd=km.format_kernel_cmd(), **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        api = self._client.api
+        run = self._run = _Run(asyncio.get_running_loop())
         wrapped = ["sh", "-c", 'echo "$$"; exec "$@"', "sh", *cmd]
-        exec_id = api.exec_create(self._container.id, wrapped, workdir=WORKSPACE)["Id"]
-        stream = api.exec_start(exec_id, stream=True)
-        run = self._run = _Run()
-        threading.Thread(target=self._watch, args=(run, exec_id, stream), daemon=True).start()
-        await asyncio.to_thread(run.started.wait, 30)
+        try:
+            exec_id, stream = await asyncio.to_thread(self._start, wrapped)
+        except docker.errors.APIError as exc:  # e.g. the container is no longer running
+            run.set_ended(-1)
+            raise self._not_started(exc.explanation or str(exc)) from None
+        threading.Thread(
+            target=self._watch, args=(run, exec_id, stream), name=f"kernel-{self.kernel_id}", daemon=True
+        ).start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.started), _START_TIMEOUT)
         if run.pid is None:
-            raise RuntimeError("the kernel did not start in the container")
+            close_stream(stream)
+            why = "`docker exec` ended first" if run.ended.is_set() else f"no PID within {_START_TIMEOUT:g} s"
+            raise self._not_started(why)
         return self.connection_info
+
+    def _not_started(self, why: str) -> errors.KernelDied:
+        return errors.KernelDied(
+            f"kernel {self.kernel_id} could not start in the sandbox's container: {why}",
+            {"kernelId": self.kernel_id},
+        )
+
+    def _start(self, argv: list[str]) -> tuple[str, Any]:
+        api = self._client.api
+        exec_id = api.exec_create(self._container.id, argv, workdir=WORKSPACE)["Id"]
+        return exec_id, api.exec_start(exec_id, stream=True)
 
     def _watch(self, run: _Run, exec_id: str, stream: Iterator[bytes]) -> None:
         pending = b""
@@ -361,24 +455,25 @@ class ContainerProvisioner(KernelProvisionerBase):
                         continue
                     with contextlib.suppress(ValueError):
                         run.pid = int(first)
-                    run.started.set()
+                    run.set_started()
                     chunk = rest
-                self._log.write(chunk)
-                self._log.flush()
+                self._write_log(chunk)
         except Exception as exc:  # the container went away under the stream
             log.debug("kernel %s: exec stream ended: %s", self.kernel_id, exc)
         finally:
-            close = getattr(stream, "close", None)  # its socket, at once rather than at collection
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+            close_stream(stream)
             try:
                 code = self._client.api.exec_inspect(exec_id).get("ExitCode")
             except Exception:
                 code = None
-            run.exit_code = -1 if code is None else int(code)
-            run.ended.set()
-            run.started.set()
+            run.set_ended(-1 if code is None else int(code))
+
+    def _write_log(self, data: bytes) -> None:
+        try:
+            self._log.write(data)
+            self._log.flush()
+        except (OSError, ValueError):  # the log was closed: the kernel was let go
+            pass
 
     async def poll(self) -> int | None:
         run = self._run
@@ -388,7 +483,7 @@ class ContainerProvisioner(KernelProvisionerBase):
         run = self._run
         if run is None:
             return None
-        await asyncio.to_thread(run.ended.wait)
+        await run.wait_ended()
         return run.exit_code
 
     async def send_signal(self, signum: int) -> None:
@@ -399,10 +494,12 @@ class ContainerProvisioner(KernelProvisionerBase):
 
     def _signal(self, pid: int, signum: int) -> None:
         # the shell's own `kill`: slim images have no kill binary
+        failure: list[bytes] = []
         with contextlib.suppress(docker.errors.APIError):
-            result = self._container.exec_run(["sh", "-c", f"kill -{int(signum)} {int(pid)}"])
-            if result.exit_code:
-                log.debug("kernel %s: kill -%d failed: %s", self.kernel_id, signum, result.output)
+            argv = ["sh", "-c", f"kill -{int(signum)} {int(pid)}"]
+            code = exec_in(self._client.api, self._container.id, argv, on_stderr=failure.append)
+            if code:
+                log.debug("kernel %s: kill -%d failed: %r", self.kernel_id, signum, b"".join(failure))
 
     async def kill(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGKILL)

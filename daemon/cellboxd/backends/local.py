@@ -89,10 +89,13 @@ class LocalSandbox:
 
     def kernel_launch(self, kernel_id: str) -> KernelLaunch:
         # IPC sockets in a private folder: no TCP ports, and no other user can connect
+        credits = self.root / "kernels" / f"{kernel_id}.credits"
+        os.mkfifo(credits, 0o600)
         km = kernel_manager(
             self.python,
             "{connection_file}",
             interrupt_mode="signal",
+            credits=str(credits),
             transport="ipc",
             ip=str(self._sockets / kernel_id),
             connection_file=str(self.root / "kernels" / f"{kernel_id}.json"),
@@ -101,7 +104,7 @@ class LocalSandbox:
         log = log_path.open("ab")
         self._logs.append(log)
         kwargs = {"env": self.environment(), "cwd": str(self.workspace), "stdout": log, "stderr": log}
-        return KernelLaunch(km, kwargs, log_path)
+        return KernelLaunch(km, kwargs, log_path, credits)
 
     async def run(self, argv: list[str], on_line: OnLine | None = None) -> RunResult:
         proc = await asyncio.create_subprocess_exec(
