@@ -174,3 +174,20 @@ def test_a_docker_pool_hands_out_a_container_sandbox(docker_engine: None) -> Non
         assert _wait_ready(d, 1, within=120)[0]["ready"] == 1
         assert d.request(CREATE, {"backend": "docker", "image": "minimal"})["sandboxId"]
         assert _pool(d)[0]["ready"] == 0
+
+
+@pytest.mark.parametrize("after", [0.3, 0.8, 1.5])
+def test_a_daemon_that_leaves_while_its_docker_pool_fills_leaves_no_container(
+    docker_engine: None, after: float
+) -> None:
+    import docker
+
+    d = Daemon(env={"CELLBOX_POOL": "docker=2"})
+    time.sleep(after)  # somewhere in making the pool's containers and kernels
+    assert d.close() == 0
+    engine = docker.from_env()
+    try:
+        left = engine.containers.list(all=True, filters={"label": f"cellbox.daemon.pid={d.proc.pid}"})
+    finally:
+        engine.close()
+    assert left == [], f"containers left behind: {[c.name for c in left]}"

@@ -115,7 +115,7 @@ class SandboxManager:
         root = self._root / sandbox_id
         root.mkdir(parents=True)
         inventory.claim(root, backend)
-        runtime: SandboxRuntime
+        create: Callable[[], SandboxRuntime]
         image: str | None = None
         try:
             if backend == "docker":
@@ -123,21 +123,20 @@ class SandboxManager:
 
                 client = await self.docker.client()
                 image = await self.docker.resolve_image(params.image, on_line)
-                runtime = await asyncio.to_thread(
-                    functools.partial(
-                        DockerSandbox.create,
-                        client,
-                        root=root,
-                        sandbox_id=sandbox_id,
-                        daemon_id=self.docker.daemon_id,
-                        image=image,
-                        params=params,
-                        sockets=self._settings().runtime_path / sandbox_id,
-                    )
+                create = functools.partial(
+                    DockerSandbox.create,
+                    client,
+                    root=root,
+                    sandbox_id=sandbox_id,
+                    daemon_id=self.docker.daemon_id,
+                    image=image,
+                    params=params,
+                    sockets=self._settings().runtime_path / sandbox_id,
                 )
             else:
                 sockets = self._settings().runtime_path
-                runtime = await asyncio.to_thread(LocalSandbox.create, root, params.env, sockets)
+                create = functools.partial(LocalSandbox.create, root, params.env, sockets)
+            runtime = await _in_thread(create)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
@@ -273,3 +272,16 @@ def _pool_key(backend: t.Backend, image: str | None) -> Key:
 def _poolable(params: t.CreateSandboxParams) -> bool:
     """Whether a pooled sandbox is what the request asks for: nothing it sets is made at creation."""
     return not (params.env or params.mounts or params.limits) and params.network in (None, "bridge")
+
+
+async def _in_thread(create: Callable[[], SandboxRuntime]) -> SandboxRuntime:
+    """Runs a backend's blocking `create` in a thread. When the caller is cancelled (the client
+    cancelled, the daemon is leaving) the thread still runs to its end, and what it made, a
+    container say, is closed then rather than left behind."""
+    creating = asyncio.ensure_future(asyncio.to_thread(create))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await (await creating).close()
+        raise

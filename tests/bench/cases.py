@@ -15,7 +15,7 @@ from typing import Any
 import docker
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from cellbox import CellboxError, PoolSpec
+from cellbox import AsyncClient, CellboxError, PoolSpec
 from cellboxd.backends.docker import LABEL_DAEMON_PID
 from tests.bench import procfs
 from tests.bench.drivers import (
@@ -357,17 +357,22 @@ async def daemon_start(bench: Bench) -> list[Row]:
     ]
 
 
+async def _first_result(client: AsyncClient, backend: str, what: str) -> float:
+    """Seconds of createSandbox + startKernel + `execute("print(1)")`."""
+    start = time.perf_counter()
+    async with cellbox_call(what, 120):
+        sandbox = await client.create_sandbox(backend)  # type: ignore[arg-type]
+        await CellboxDriver(await sandbox.start_kernel()).execute("print(1)")
+    return time.perf_counter() - start
+
+
 async def first_result(bench: Bench, backend: str) -> list[Row]:
     """createSandbox + startKernel + `execute("print(1)")` on a fresh daemon, the image present."""
     ours: list[float] = []
     theirs: list[float] = []
     for _ in range(bench.plan.first_results):
         async with daemon(bench.home) as client:
-            start = time.perf_counter()
-            async with cellbox_call(f"first result ({backend})", 120):
-                sandbox = await client.create_sandbox(backend)  # type: ignore[arg-type]
-                await CellboxDriver(await sandbox.start_kernel()).execute("print(1)")
-            ours.append(time.perf_counter() - start)
+            ours.append(await _first_result(client, backend, f"first result ({backend})"))
         start = time.perf_counter()
         async with baseline_kernels(bench, backend, 1) as (kc,):
             await BaselineDriver(kc).execute("print(1)")
@@ -395,11 +400,7 @@ async def first_result_pooled(bench: Bench, backend: str) -> list[Row]:
                 # the pool's state is there to be asked, not announced
                 while not (await client.pool_status())[0].ready:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-            start = time.perf_counter()
-            async with cellbox_call(f"first result from the warm pool ({backend})", 120):
-                sandbox = await client.create_sandbox(backend)  # type: ignore[arg-type]
-                await CellboxDriver(await sandbox.start_kernel()).execute("print(1)")
-            ours.append(time.perf_counter() - start)
+            ours.append(await _first_result(client, backend, f"first result from the warm pool ({backend})"))
     return [
         Row(
             "first result, warm pool",
