@@ -94,14 +94,16 @@ def test_every_kernel_is_gone_within_5_s_of_the_daemon_ending(end: Callable[[Dae
 def test_kernels_of_a_killed_daemon_exit_and_its_folders_are_swept() -> None:
     d = Daemon()
     pids, workspaces = _kernels_with_pids(d, 1)
+    sockets = [(w.parent / "sockets").resolve() for w in workspaces]
     d.proc.kill()
     d.proc.wait(timeout=10)
     # the kernels notice that their parent is gone (ipykernel polls for it)
     assert _wait_gone(pids, within=10) == []
-    assert all(w.exists() for w in workspaces)
+    assert all(w.exists() for w in workspaces) and all(s.is_dir() for s in sockets)
     with Daemon() as successor:
         successor.request("cellbox/createSandbox", {})
         assert not any(w.parent.exists() for w in workspaces)
+        assert not any(s.exists() for s in sockets)
 
 
 _DYING_CLIENT = """

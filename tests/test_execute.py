@@ -297,8 +297,11 @@ def test_destroy_sandbox_stops_kernels_and_removes_its_folder(shared_daemon: Dae
     created = d.request("cellbox/createSandbox", {})
     kernel = d.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]})["kernelId"]
     pid = int(run(d, kernel, "import os; os.getpid()")["text"])
+    sockets = (Path(created["workspace"]).parent / "sockets").resolve()
+    assert any(p.is_socket() for p in sockets.iterdir())  # the kernel's, in the sandbox's own folder
     assert d.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}) is None
     assert not Path(created["workspace"]).exists()
+    assert not sockets.exists()
     assert _gone(pid, within=5)
     assert (
         d.response(d.start("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}))["error"]["code"]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the docker SDK and backend are imported by the functions th
 log = logging.getLogger(__name__)
 
 OWNER_FILE = "owner.json"
-SOCKETS_LINK = "sockets"  # in a docker sandbox's folder: a symlink to its folder of kernel sockets
+SOCKETS_LINK = "sockets"  # in a sandbox's folder: a symlink to its folder of kernel sockets
 
 
 class Owner(msgspec.Struct):
@@ -121,8 +121,8 @@ def orphan_backends(sandboxes_dir: Path) -> set[str]:
 
 
 def remove_orphan_folders(sandboxes_dir: Path) -> list[str]:
-    """Removes the folders, of either backend, whose daemon is gone (a docker sandbox's folder
-    of kernel sockets too, even where its container is gone already)."""
+    """Removes the folders, of either backend, whose daemon is gone, with their folders of kernel
+    sockets (a docker sandbox's too, even where its container is gone already)."""
     removed = []
     for root, owner in _folders(sandboxes_dir):
         if not pid_alive(owner.pid):

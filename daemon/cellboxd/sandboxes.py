@@ -134,7 +134,7 @@ class SandboxManager:
                     sockets=self._settings().runtime_path / sandbox_id,
                 )
             else:
-                sockets = self._settings().runtime_path
+                sockets = self._settings().runtime_path / sandbox_id
                 create = functools.partial(LocalSandbox.create, root, params.env, sockets)
             runtime = await _in_thread(create)
         except BaseException:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_manager
+from cellboxd.inventory import SOCKETS_LINK
 
 _LINE_LIMIT = 1 << 20  # bytes of one output line passed to `on_line`
 _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
@@ -64,6 +65,11 @@ class LocalSandbox:
 
     @classmethod
     def create(cls, root: Path, env: dict[str, str], sockets: Path) -> LocalSandbox:
+        """A sandbox in `root`; `sockets` is a new folder for its kernels' IPC sockets, short and
+        private (`runtime_dir/<sandbox id>`), removed with the sandbox, or by the sweep of orphans,
+        which finds it through the `sockets` link in `root`."""
+        sockets.mkdir(mode=0o700)
+        (root / SOCKETS_LINK).symlink_to(sockets, target_is_directory=True)
         sandbox = cls(root, env, sockets)
         for sub in ("skills", "images"):
             (sandbox.workspace / sub).mkdir(parents=True, exist_ok=True)
@@ -88,7 +94,7 @@ class LocalSandbox:
         return env
 
     def kernel_launch(self, kernel_id: str) -> KernelLaunch:
-        # IPC sockets in a private folder: no TCP ports, and no other user can connect
+        # IPC sockets in the sandbox's private folder: no TCP ports, and no other user can connect
         credits = self.root / "kernels" / f"{kernel_id}.credits"
         os.mkfifo(credits, 0o600)
         km = kernel_manager(
@@ -134,6 +140,7 @@ class LocalSandbox:
             _kill(proc)
         for log in self._logs:
             log.close()
+        await asyncio.to_thread(shutil.rmtree, self._sockets, ignore_errors=True)
         await asyncio.to_thread(shutil.rmtree, self.root, ignore_errors=True)
 
 
