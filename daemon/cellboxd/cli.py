@@ -288,7 +288,7 @@ def _prune(args: argparse.Namespace) -> int:
     from cellboxd import inventory
     from cellboxd.config import load_settings
 
-    removed = inventory.remove_orphan_folders(load_settings().sandboxes_path)
+    removed = list(inventory.remove_orphan_folders(load_settings().sandboxes_path))
     if (client := _engine()) is not None:
         removed += inventory.remove_docker_orphans(client)
     for sandbox_id in dict.fromkeys(removed):

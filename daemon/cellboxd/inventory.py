@@ -115,22 +115,18 @@ def docker_sandboxes(client: docker.DockerClient) -> list[Entry]:
     return entries
 
 
-def orphan_backends(sandboxes_dir: Path) -> set[str]:
-    """The backends of the sandbox folders whose daemon is gone."""
-    return {owner.backend for _, owner in _folders(sandboxes_dir) if not pid_alive(owner.pid)}
-
-
-def remove_orphan_folders(sandboxes_dir: Path) -> list[str]:
+def remove_orphan_folders(sandboxes_dir: Path) -> dict[str, str]:
     """Removes the folders, of either backend, whose daemon is gone, with their folders of kernel
-    sockets (a docker sandbox's too, even where its container is gone already)."""
-    removed = []
+    sockets (a docker sandbox's too, even where its container is gone already); the backend of
+    each sandbox removed, by its id."""
+    removed = {}
     for root, owner in _folders(sandboxes_dir):
         if not pid_alive(owner.pid):
             log.info("removing %s, left by daemon %d", root, owner.pid)
             if (sockets := _linked_sockets(root)) is not None:
                 shutil.rmtree(sockets, ignore_errors=True)
             shutil.rmtree(root, ignore_errors=True)
-            removed.append(root.name)
+            removed[root.name] = owner.backend
     return removed
 
 

@@ -23,7 +23,7 @@ from cellbox import errors, methods
 from cellbox import types as t
 from cellboxd.backends.base import CREDIT_CHARS, KernelLaunch, process_exit
 from cellboxd.execution import Execution, Notify
-from cellboxd.messages import BadMessage, Message, Reader
+from cellboxd.messages import Reader
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -305,9 +305,9 @@ class Kernel:
             self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, state))
 
     async def _read_iopub(self, kc: AsyncKernelClient) -> None:
-        read = _reader(kc.iopub_channel.socket, kc)
+        reader = Reader(kc.iopub_channel.socket, kc.session.auth)
         while True:
-            msg = await read()
+            msg = await reader.next()
             content = msg.content
             if msg.msg_type == "status" and not self._restarting:
                 state = content.get("execution_state")
@@ -340,9 +340,9 @@ class Kernel:
                 os.write(self._credits, b"\0")
 
     async def _read_shell(self, kc: AsyncKernelClient) -> None:
-        read = _reader(kc.shell_channel.socket, kc)
+        reader = Reader(kc.shell_channel.socket, kc.session.auth)
         while True:
-            msg = await read()
+            msg = await reader.next()
             execution = self._current
             if execution is not None and msg.parent_id == self._current_msg_id:
                 execution.on_reply(msg.content)
@@ -361,20 +361,6 @@ class Kernel:
         log.warning("kernel %s died%s", self.kernel_id, self._exit_text())
         self._set_state("dead")
         self._end_current()
-
-
-def _reader(socket: Any, kc: AsyncKernelClient) -> Callable[[], Awaitable[Message]]:
-    """The next good message of a kernel's socket; bad ones are logged and skipped."""
-    reader = Reader(socket, kc.session.auth)
-
-    async def read() -> Message:
-        while True:
-            try:
-                return await reader.next()
-            except BadMessage as exc:
-                log.warning("ignored a kernel message: %s", exc)
-
-    return read
 
 
 def _builtins(result: t.ExecuteResult) -> Any:

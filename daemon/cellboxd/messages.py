@@ -9,12 +9,15 @@ constant-time compare) and decodes just those, with msgspec.
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 if TYPE_CHECKING:
     import zmq.asyncio
+
+log = logging.getLogger(__name__)
 
 _DELIM = b"<IDS|MSG>"
 
@@ -38,10 +41,6 @@ _parent = msgspec.json.Decoder(_Parent)
 _content = msgspec.json.Decoder(dict[str, Any])
 
 
-class BadMessage(Exception):
-    """A message that is not a Jupyter message, or whose signature does not match the key."""
-
-
 class Reader:
     """Receives and decodes the messages of one socket, signed with `auth` (None: unsigned)."""
 
@@ -50,22 +49,28 @@ class Reader:
         self._auth = auth
 
     async def next(self) -> Message:
-        frames: list[bytes] = await self._socket.recv_multipart()
+        """The next good message; one that is not a Jupyter message, or whose signature does not
+        match the key, is logged and skipped."""
+        while True:
+            frames: list[bytes] = await self._socket.recv_multipart()
+            try:
+                return self._decode(frames)
+            except ValueError as exc:  # msgspec.DecodeError is one
+                log.warning("ignored a kernel message: %s", exc)
+
+    def _decode(self, frames: list[bytes]) -> Message:
         try:
             start = frames.index(_DELIM) + 1
         except ValueError:
-            raise BadMessage("no <IDS|MSG> delimiter") from None
+            raise ValueError("no <IDS|MSG> delimiter") from None
         if len(frames) < start + 5:
-            raise BadMessage(f"{len(frames) - start} parts after the delimiter, not 5 or more")
+            raise ValueError(f"{len(frames) - start} parts after the delimiter, not 5 or more")
         signature, header, parent, metadata, content = frames[start : start + 5]
         if self._auth is not None:
             check = self._auth.copy()
             for part in (header, parent, metadata, content):
                 check.update(part)
             if not hmac.compare_digest(signature, check.hexdigest().encode()):
-                raise BadMessage("invalid signature")
-        try:
-            msg_type = _header.decode(header).msg_type
-            return Message(msg_type, _parent.decode(parent).msg_id, _content.decode(content))
-        except msgspec.DecodeError as exc:
-            raise BadMessage(str(exc)) from None
+                raise ValueError("invalid signature")
+        msg_type = _header.decode(header).msg_type
+        return Message(msg_type, _parent.decode(parent).msg_id, _content.decode(content))

@@ -59,8 +59,7 @@ class WarmPool(Generic[S]):
             if self._usable(candidate):
                 found = candidate
                 break
-            log.info("warm pool: dropped a %s sandbox whose kernel died while it waited", key[0])
-            self._spawn_discard(candidate)
+            self._throw_away(key, candidate)
         if key in self._sizes:
             self._fill(key)
         return found
@@ -71,8 +70,7 @@ class WarmPool(Generic[S]):
         if ready is None or sandbox not in ready:
             return
         ready.remove(sandbox)
-        log.info("warm pool: dropped a %s sandbox whose kernel died while it waited", key[0])
-        self._spawn_discard(sandbox)
+        self._throw_away(key, sandbox)
         self._fill(key)
 
     def status(self) -> list[t.PoolStatus]:
@@ -122,7 +120,8 @@ class WarmPool(Generic[S]):
             delay = _RETRY_FIRST
             log.info("warm pool: %s sandboxes ready %d/%d", key[0], len(ready), self._sizes[key])
 
-    def _spawn_discard(self, sandbox: S) -> None:
+    def _throw_away(self, key: Key, sandbox: S) -> None:
+        log.info("warm pool: dropped a %s sandbox whose kernel died while it waited", key[0])
         task = asyncio.ensure_future(self._discard(sandbox))
         self._discarding.add(task)
         task.add_done_callback(self._discarding.discard)

@@ -76,9 +76,9 @@ class SandboxManager:
         docker SDK loaded)."""
 
         async def sweep() -> None:
-            if "docker" in await asyncio.to_thread(inventory.orphan_backends, self._root):
+            removed = await asyncio.to_thread(inventory.remove_orphan_folders, self._root)
+            if "docker" in removed.values():
                 await self.docker.sweep_orphans()
-            await asyncio.to_thread(inventory.remove_orphan_folders, self._root)
 
         def done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -154,17 +154,17 @@ class SandboxManager:
                 self.pool.evict(key, sandbox)
 
         try:
-            sandbox.spare = await self._start(sandbox, name=None, notify=watch)
+            sandbox.spare = await self._start(sandbox, name=None, notify=watch, register=False)
         except BaseException:
             await self._discard(sandbox)
             raise
         return sandbox
 
-    async def _discard(self, sandbox: Sandbox) -> None:
-        """Destroys a sandbox that is not (or no longer) the client's."""
+    async def _discard(self, sandbox: Sandbox, now: bool = True) -> None:
+        """Stops a sandbox's kernels, its spare too, and removes the sandbox."""
         kernels = [*sandbox.kernels.values(), *([sandbox.spare] if sandbox.spare else [])]
         sandbox.spare = None
-        await asyncio.gather(*(self._drop_kernel(k, now=True) for k in kernels))
+        await asyncio.gather(*(self._drop_kernel(k, now) for k in kernels))
         await sandbox.runtime.close()
 
     def get(self, sandbox_id: str) -> Sandbox:
@@ -179,10 +179,7 @@ class SandboxManager:
     async def destroy(self, sandbox_id: str, now: bool = False) -> None:
         sandbox = self.get(sandbox_id)
         del self._sandboxes[sandbox_id]
-        kernels = [*sandbox.kernels.values(), *([sandbox.spare] if sandbox.spare else [])]
-        sandbox.spare = None
-        await asyncio.gather(*(self._drop_kernel(k, now) for k in kernels))
-        await sandbox.runtime.close()
+        await self._discard(sandbox, now)
         log.info("sandbox %s destroyed", sandbox_id)
 
     async def close_all(self) -> None:
@@ -201,15 +198,20 @@ class SandboxManager:
         spare, sandbox.spare = sandbox.spare, None
         if spare is not None and _alive(spare):
             spare.adopt(self._notify, params.name)
-            sandbox.kernels[spare.kernel_id] = spare
-            self._kernels[spare.kernel_id] = spare
+            self._register(sandbox, spare)
             return spare
         if spare is not None:
             await self._drop_kernel(spare, now=True)
-        kernel = await self._start(sandbox, params.name, self._notify)
-        return kernel
+        return await self._start(sandbox, params.name, self._notify, register=True)
 
-    async def _start(self, sandbox: Sandbox, name: str | None, notify: Notify) -> Kernel:
+    def _register(self, sandbox: Sandbox, kernel: Kernel) -> None:
+        """Makes a kernel the client's: listed in its sandbox, found by its id."""
+        sandbox.kernels[kernel.kernel_id] = kernel
+        self._kernels[kernel.kernel_id] = kernel
+
+    async def _start(self, sandbox: Sandbox, name: str | None, notify: Notify, register: bool) -> Kernel:
+        """A started kernel; registered before it starts (so that destroying its sandbox stops
+        it), unless it is a pooled one, which is nobody's yet."""
         settings = self._settings()
         kernel_id = "k-" + secrets.token_hex(6)
         kernel = Kernel(
@@ -224,9 +226,8 @@ class SandboxManager:
             drain=self._drain,
             name=name,
         )
-        if notify is self._notify:  # not a pooled kernel, which is nobody's yet
-            sandbox.kernels[kernel_id] = kernel
-            self._kernels[kernel_id] = kernel
+        if register:
+            self._register(sandbox, kernel)
         try:
             await kernel.start()
         except BaseException:

@@ -205,9 +205,8 @@ class CellboxProtocol(LanguageServerProtocol):
             body = _encoder.encode(_Response(id=msg_id, result=result))
         except (TypeError, ValueError):
             log.exception("cannot encode the result of request %r", msg_id)
-            body = _encoder.encode(
-                _ErrorResponse(id=msg_id, error=_ErrorBody(ErrorCode.INTERNAL_ERROR, "unencodable result"))
-            )
+            self.send_error(msg_id, ErrorCode.INTERNAL_ERROR, "unencodable result")
+            return
         self.writer.write(body)
 
     def send_error(self, msg_id: int | str | None, code: int, message: str, data: Any = None) -> None:
