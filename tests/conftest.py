@@ -20,8 +20,14 @@ def cellbox_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             (home / name).mkdir()
             mp.setenv(f"CELLBOX_{name.upper()}_DIR", str(home / name))
         mp.setenv("CELLBOX_CONFIG", str(home / "config.toml"))
+        mp.setenv("CELLBOX_RUNTIME_DIR", str(runtime_dir(home)))
         mp.delenv("CELLBOX_DEFAULT_BACKEND", raising=False)
         yield home
+
+
+def runtime_dir(home: Path) -> Path:
+    """The daemons' runtime dir: a local agent keeps its kernels' sockets in a folder of it."""
+    return home / "run"
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 SERVE = [sys.executable, "-m", "cellboxd", "serve"]
@@ -107,6 +108,22 @@ class Daemon:
             if "method" not in message:
                 self._responses[message.get("id")] = message
         return self._responses.pop(msg_id)
+
+    def wait_for(
+        self, method: str, match: Callable[[dict[str, Any]], bool], timeout: float = 60
+    ) -> dict[str, Any]:
+        """The params of the first `method` notification `match` accepts, waiting for it to come;
+        responses read meanwhile are kept for `response`."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for note in self.notifications[seen:]:
+                if note.get("method") == method and match(note["params"]):
+                    return note["params"]
+            seen = len(self.notifications)
+            message = self.next_message(max(0.01, deadline - time.monotonic()))
+            if "method" not in message:
+                self._responses[message.get("id")] = message
 
     def notes(self, method: str) -> list[dict[str, Any]]:
         return [n["params"] for n in self.notifications if n.get("method") == method]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import new_kernel
+from tests.conftest import new_kernel, runtime_dir
 from tests.rpc import Daemon
 
 
@@ -91,13 +91,13 @@ def test_every_kernel_is_gone_within_5_s_of_the_daemon_ending(end: Callable[[Dae
             d.proc.kill()
 
 
-def test_kernels_of_a_killed_daemon_exit_and_its_folders_are_swept() -> None:
+def test_kernels_of_a_killed_daemon_exit_and_its_folders_are_swept(cellbox_home: Path) -> None:
     d = Daemon()
     pids, workspaces = _kernels_with_pids(d, 1)
-    sockets = [(w.parent / "sockets").resolve() for w in workspaces]
+    sockets = [runtime_dir(cellbox_home) / w.parent.name for w in workspaces]
     d.proc.kill()
     d.proc.wait(timeout=10)
-    # the kernels notice that their parent is gone (ipykernel polls for it)
+    # the agent sees its stdin end and stops its kernels
     assert _wait_gone(pids, within=10) == []
     assert all(w.exists() for w in workspaces) and all(s.is_dir() for s in sockets)
     with Daemon() as successor:

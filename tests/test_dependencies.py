@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from cellbox.errors import InvalidDependencies
-from cellboxd.dependencies import (
+from cellboxd.backends.docker.dependencies import (
     VARIANTS,
     Dependencies,
     parse_dependencies,

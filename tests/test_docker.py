@@ -1,11 +1,15 @@
-"""The docker backend against a real engine, through a real daemon over stdio."""
+"""The docker backend on every engine users reach (tests/engines.py), through a real daemon.
+
+Each test runs once per engine: Docker Engine on this machine, a remote engine over tcp:// and
+ssh://, Docker Desktop's shape, Podman as root and rootless, and gVisor's runsc. The daemon and
+a sandbox meet only through the engine's API, so the same tests hold on each.
+"""
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import gc
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,38 +17,31 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
 
-from cellboxd.backends.docker import SOCKETS
+from tests.engines import ENGINES, SHARED, Engine, engine
 from tests.rpc import Daemon
-
-pytestmark = pytest.mark.usefixtures("docker_engine")
 
 EXECUTE = "cellbox/execute"
 
 
-def _containers(sandbox_id: str | None = None) -> list:
-    label = "cellbox.sandbox" + (f"={sandbox_id}" if sandbox_id else "")
-    return docker.from_env().containers.list(all=True, filters={"label": label})
-
-
-def _kernel_files(kernel: str) -> list[str]:
-    """What a kernel has in its sandbox's sockets folder: five sockets and its credits FIFO."""
-    return sorted([*(f"{kernel}-{n}" for n in range(1, 6)), f"{kernel}.credits"])
-
-
-def _sockets(container: Any) -> dict[str, Any]:
-    """The bind mount of a sandbox container's folder of kernel sockets."""
-    (mount,) = [m for m in container.attrs["Mounts"] if m["Destination"] == SOCKETS]
-    return mount
+@pytest.fixture(scope="module", params=list(ENGINES))
+def eng(request: pytest.FixtureRequest) -> Engine:
+    return engine(request.param)
 
 
 @pytest.fixture(scope="module")
-def dd(docker_engine: None) -> Iterator[Daemon]:
-    with Daemon() as d:
+def client(eng: Engine) -> Iterator[docker.DockerClient]:
+    made = eng.client()
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def dd(eng: Engine) -> Iterator[Daemon]:
+    with Daemon(env=eng.env) as d:
         yield d
 
 
@@ -60,33 +57,79 @@ def box(dd: Daemon) -> dict:
     return {**created, "kernel": kernel}
 
 
+def _containers(client: docker.DockerClient, sandbox_id: str | None = None) -> list:
+    label = "cellbox.sandbox" + (f"={sandbox_id}" if sandbox_id else "")
+    return client.containers.list(all=True, filters={"label": label})
+
+
 def run(d: Daemon, kernel: str, code: str, **params: object) -> dict:
     return d.request(EXECUTE, {"kernelId": kernel, "code": code, **params}, timeout=300)
 
 
-def test_sandbox_is_a_hardened_labelled_container(dd: Daemon, box: dict) -> None:
+def _new(d: Daemon, **params: object) -> tuple[str, str]:
+    sandbox = d.request("cellbox/createSandbox", {"backend": "docker", **params}, timeout=600)["sandboxId"]
+    kernel = d.request("cellbox/startKernel", {"sandboxId": sandbox}, timeout=120)["kernelId"]
+    return sandbox, kernel
+
+
+def _sleep(d: Daemon, kernel: str, execution_id: str) -> int:
+    """Starts an execute that prints `up` and sleeps; returns once `up` arrived."""
+    code = "import time; print('up', flush=True); time.sleep(60)"
+    msg_id = d.start(EXECUTE, {"kernelId": kernel, "code": code, "executionId": execution_id})
+    d.wait_for("cellbox/output", lambda n: n["executionId"] == execution_id, timeout=60)
+    return msg_id
+
+
+def _read(d: Daemon, sandbox: str, path: str) -> bytes:
+    return base64.b64decode(d.request("cellbox/readFile", {"sandboxId": sandbox, "path": path})["content"])
+
+
+def _write(d: Daemon, sandbox: str, path: str, content: bytes) -> dict:
+    params = {"sandboxId": sandbox, "path": path, "content": base64.b64encode(content).decode()}
+    return d.request("cellbox/writeFile", params)
+
+
+def test_sandbox_is_a_hardened_labelled_container(
+    eng: Engine, client: docker.DockerClient, dd: Daemon, box: dict
+) -> None:
     assert box["backend"] == "docker" and box["image"].startswith("cellbox-minimal:")
+    assert "workspace" not in box and box["sandboxWorkspace"] == "/workspace"  # not on this machine
     progress = [p["value"]["kind"] for p in dd.notes("$/progress") if p["token"] == "create-1"]
     assert progress[0] == "begin" and progress[-1] == "end"
-    (container,) = _containers(box["sandboxId"])
+    (container,) = _containers(client, box["sandboxId"])
     config = container.attrs["HostConfig"]
-    assert config["CapDrop"] == ["ALL"] and "no-new-privileges" in config["SecurityOpt"]
+    assert "ALL" in [c.removeprefix("CAP_") for c in config["CapDrop"]]
+    assert "no-new-privileges" in config["SecurityOpt"]
+    assert config["ReadonlyRootfs"] is True and "/tmp" in (config.get("Tmpfs") or {})
     assert container.labels["cellbox.daemon.pid"] == str(dd.proc.pid)
-    # kernels are reached through IPC sockets in a bind-mounted folder: nothing is published
-    assert not config["PortBindings"] and not container.attrs["NetworkSettings"]["Ports"]
-    sockets = _sockets(container)
-    assert sockets["Type"] == "bind" and sockets["RW"]
-    folder = Path(sockets["Source"])
-    assert folder.name == box["sandboxId"] and len(str(folder)) < 80  # socket paths stay < 108 bytes
-    assert folder.stat().st_mode & 0o777 == 0o700 and folder.parent.stat().st_mode & 0o777 == 0o700
-    assert sorted(p.name for p in folder.iterdir()) == _kernel_files(box["kernel"])
-    assert all(p.is_socket() for p in folder.glob("*-[0-9]"))
-    assert (folder / f"{box['kernel']}.credits").is_fifo()
-    # the kernel reads its credits from the FIFO through the mount (it prints no faster than its reader)
-    code = "import glob, os; print(*(os.path.realpath(f) for f in glob.glob('/proc/self/fd/*')))"
-    assert f"{SOCKETS}/{box['kernel']}.credits" in run(dd, box["kernel"], code)["text"].split()
-    result = run(dd, box["kernel"], "import os; print(os.getuid() != 0, os.environ['API_KEY'], os.getcwd())")
-    assert result["text"] == "True sk-secret-value /workspace\n"
+    # nothing of the daemon's machine is mounted: the workspace and packages are engine volumes
+    mounts = {m["Destination"]: m["Type"] for m in container.attrs["Mounts"]}
+    assert mounts == {"/workspace": "volume", "/opt/cellbox/packages": "volume"}
+    assert not config.get("PortBindings") and not container.attrs["NetworkSettings"].get("Ports")
+    if eng.enforces_limits:  # the defaults: a sandbox without `limits` is limited too
+        assert (
+            config["Memory"] == 2048 << 20 and config["PidsLimit"] == 512 and config["NanoCpus"] == 2 * 10**9
+        )
+    if eng.runtime:
+        assert config["Runtime"] == eng.runtime
+    code = (
+        "import os, subprocess\n"
+        "print(os.getuid() != 0, os.environ['API_KEY'], os.getcwd())\n"
+        "for path in ('/usr/lib/x', '/tmp/x', os.path.expanduser('~/x'), 'x'):\n"
+        "    try:\n        open(path, 'w').close(); print('writable', path)\n"
+        "    except OSError as exc:\n        print('refused', path, exc.errno)\n"
+        "print(subprocess.run(['find', '/', '-xdev', '-type', 'f', '-perm', '/6000'],"
+        " capture_output=True, text=True).stdout or 'no setuid')"
+    )
+    result = run(dd, box["kernel"], code)
+    assert result["text"].splitlines() == [
+        "True sk-secret-value /workspace",
+        "refused /usr/lib/x 30",  # EROFS: the root file system is read-only
+        "writable /tmp/x",
+        "writable /home/cellbox/x",
+        "writable x",
+        "no setuid",
+    ], result
     listed = {s["sandboxId"]: s for s in dd.request("cellbox/listSandboxes", {})["sandboxes"]}
     assert listed[box["sandboxId"]]["image"] == box["image"]
 
@@ -111,12 +154,17 @@ def test_streaming_rich_output_and_workspace_files(dd: Daemon, box: dict) -> Non
     assert streamed == [("stdout", "0\n"), ("stderr", "e\n"), ("stdout", "1\n"), ("stderr", "e\n"),
                         ("stdout", "2\n"), ("stderr", "e\n")]  # fmt: skip
     assert result["text"].endswith("'done'\n")
-    workspace = Path(box["workspace"])
-    assert (workspace / "made-inside.txt").read_text() == "hi"
-    svg = next(o for o in result["outputs"] if "path" in o)
-    assert Path(svg["path"]).parent == workspace / "images" and Path(svg["path"]).read_text().startswith(
-        "<svg"
+    assert _read(dd, box["sandboxId"], "made-inside.txt") == b"hi"
+    (svg,) = [o for o in result["outputs"] if "file" in o]
+    # saved in the sandbox, named by the kernel (never the client's executionId); no host path
+    assert (
+        "path" not in svg
+        and svg["file"].startswith(f"images/{box['kernel']}-")
+        and "dock-1" not in svg["file"]
     )
+    assert _read(dd, box["sandboxId"], svg["file"]).startswith(b"<svg")
+    displays = [n for n in dd.notes("cellbox/display") if n["executionId"] == "dock-1"]
+    assert [(n.get("file"), "path" in n) for n in displays] == [(svg["file"], False), (None, False)]
 
 
 def test_timeout_interrupt_and_restart_in_a_container(dd: Daemon, box: dict) -> None:
@@ -124,12 +172,11 @@ def test_timeout_interrupt_and_restart_in_a_container(dd: Daemon, box: dict) -> 
     run(dd, kernel, "kept = 1")
     started = time.monotonic()
     result = run(dd, kernel, "import time\nprint('partial', flush=True)\ntime.sleep(60)", timeout=1.5)
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 3
     assert (result["status"], result["text"]) == ("timeout", "partial\n")
     assert run(dd, kernel, "kept")["text"] == "1\n"
 
-    msg_id = dd.start(EXECUTE, {"kernelId": kernel, "code": "import time; time.sleep(60)"})
-    time.sleep(1)
+    msg_id = _sleep(dd, kernel, "interrupted")
     dd.request("cellbox/interruptKernel", {"kernelId": kernel})
     assert dd.response(msg_id, timeout=10)["result"]["error"]["ename"] == "KeyboardInterrupt"
 
@@ -138,153 +185,121 @@ def test_timeout_interrupt_and_restart_in_a_container(dd: Daemon, box: dict) -> 
 
 
 def test_several_kernels_share_files_and_packages(dd: Daemon, box: dict) -> None:
-    # no fixed number of kernels: 10 at once (there were 8 slots of published ports)
-    others = [dd.start("cellbox/startKernel", {"sandboxId": box["sandboxId"]}) for _ in range(9)]
+    others = [dd.start("cellbox/startKernel", {"sandboxId": box["sandboxId"]}) for _ in range(5)]
     others = [dd.response(msg_id, timeout=180)["result"]["kernelId"] for msg_id in others]
     run(dd, box["kernel"], "open('shared.txt', 'w').write('from the first')")
     for other in others:
         assert run(dd, other, "open('shared.txt').read()")["text"] == "'from the first'\n"
-    (container,) = _containers(box["sandboxId"])
-    folder = Path(_sockets(container)["Source"])
-    assert len(list(folder.iterdir())) == 6 * 10
     for other in others:
         dd.request("cellbox/shutdownKernel", {"kernelId": other})
-    # a kernel that is shut down leaves nothing behind
-    assert sorted(p.name for p in folder.iterdir()) == _kernel_files(box["kernel"])
+    assert run(dd, box["kernel"], "6 * 7")["text"] == "42\n"
 
 
 def test_runtime_install_is_importable_at_once_and_skill_sources(dd: Daemon, box: dict) -> None:
-    kernel = box["kernel"]
+    kernel, sandbox = box["kernel"], box["sandboxId"]
     assert run(dd, kernel, "import tinydb")["status"] == "error"
     installed = dd.request(
-        "cellbox/installPackage", {"sandboxId": box["sandboxId"], "packages": ["tinydb==4.8.2"]}, timeout=600
+        "cellbox/installPackage", {"sandboxId": sandbox, "packages": ["tinydb==4.8.2"]}, timeout=600
     )["installed"]
     assert {"name": "tinydb", "version": "4.8.2"} in installed
-    assert run(dd, kernel, "import tinydb; tinydb.__version__")["text"] == "'4.8.2'\n"
+    # into the sandbox's own writable storage: its root file system is read-only
+    assert run(dd, kernel, "import tinydb; tinydb.__file__")["text"].startswith("'/opt/cellbox/packages/")
     skill = "import tinydb\n\nprint('top-level code ran')\n\ndef count() -> int:\n    return 1\n"
-    (Path(box["workspace"]) / "skills" / "counter.py").write_text(skill)
+    assert _write(dd, sandbox, "skills/counter.py", skill.encode()) == {"size": len(skill)}
     sources = dd.request(
-        "cellbox/getSkillSources", {"sandboxId": box["sandboxId"], "modules": ["counter", "tinydb.queries"]}
+        "cellbox/getSkillSources", {"sandboxId": sandbox, "modules": ["counter", "tinydb.queries"]}
     )
     assert sources["sources"]["counter"] == skill
     assert "class Query" in sources["sources"]["tinydb.queries"]
-    missing = dd.response(
-        dd.start("cellbox/getSkillSources", {"sandboxId": box["sandboxId"], "modules": ["nah"]})
-    )
+    missing = dd.response(dd.start("cellbox/getSkillSources", {"sandboxId": sandbox, "modules": ["nah"]}))
     assert missing["error"]["code"] == 1006
 
 
-def test_container_killed_from_outside_gives_died(dd: Daemon) -> None:
-    created = dd.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
-    kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
-    msg_id = dd.start(EXECUTE, {"kernelId": kernel, "code": "import time; time.sleep(60)", "timeout": 50})
-    time.sleep(1)
-    (container,) = _containers(created["sandboxId"])
-    folder = Path(_sockets(container)["Source"])
+def test_pip_in_a_cell_installs_into_the_sandbox(dd: Daemon, box: dict) -> None:
+    code = "!pip install --quiet cowsay==6.1\nimport cowsay\ncowsay.__file__"
+    result = run(dd, box["kernel"], code)
+    assert result["status"] == "ok", result
+    assert result["outputs"][-1]["data"]["text/plain"].startswith("'/opt/cellbox/packages/")
+
+
+def test_container_killed_from_outside_gives_died(client: docker.DockerClient, dd: Daemon) -> None:
+    sandbox, kernel = _new(dd)
+    msg_id = _sleep(dd, kernel, f"killed-{sandbox}")
+    (container,) = _containers(client, sandbox)
     container.kill()
     started = time.monotonic()
     result = dd.response(msg_id, timeout=30)["result"]
     assert result["status"] == "died" and time.monotonic() - started < 10
     assert dd.response(dd.start(EXECUTE, {"kernelId": kernel, "code": "1"}))["error"]["code"] == 1007
     restart = dd.response(dd.start("cellbox/restartKernel", {"kernelId": kernel}), timeout=60)["error"]
-    assert restart["code"] == 1007 and "is not running" in restart["message"], restart
-    dd.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}, timeout=60)
-    assert _containers(created["sandboxId"]) == []
-    assert not folder.exists()  # the sockets folder goes with the sandbox
+    assert restart["code"] == 1007 and "not running" in restart["message"], restart
+    dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
+    assert _containers(client, sandbox) == []
 
 
-def test_memory_limit_kills_the_kernel_not_the_daemon(dd: Daemon) -> None:
-    created = dd.request(
-        "cellbox/createSandbox",
-        {"backend": "docker", "limits": {"memoryMb": 200, "pids": 64, "cpus": 0.5}},
-        timeout=600,
+def test_a_cell_that_kills_the_agent_loses_its_kernel_not_its_sandbox(dd: Daemon) -> None:
+    sandbox, kernel = _new(dd)
+    _write(dd, sandbox, "kept.txt", b"still here")
+    # the kernel's parent is the agent, which acts with the sandbox's rights and so is the cell's
+    result = run(
+        dd, kernel, "import os, signal; os.kill(os.getppid(), signal.SIGKILL); import time; time.sleep(30)"
     )
-    kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
+    assert result["status"] == "died"
+    dd.request("cellbox/restartKernel", {"kernelId": kernel}, timeout=60)  # a new agent
+    assert run(dd, kernel, "open('kept.txt').read()")["text"] == "'still here'\n"
+    dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
+
+
+def test_limits_kill_the_kernel_not_the_daemon(eng: Engine, client: docker.DockerClient, dd: Daemon) -> None:
+    limits = {"memoryMb": 200, "pids": 64, "cpus": 0.5}
+    if not eng.enforces_limits:
+        error = dd.response(
+            dd.start("cellbox/createSandbox", {"backend": "docker", "limits": limits}), timeout=600
+        )
+        assert error["error"]["code"] == -32602 and "limits.memoryMb" in error["error"]["message"], error
+        return
+    sandbox, kernel = _new(dd, limits=limits)
+    (container,) = _containers(client, sandbox)
+    config = container.attrs["HostConfig"]
+    assert (config["Memory"], config["PidsLimit"], config["NanoCpus"]) == (200 << 20, 64, 500_000_000)
     result = run(dd, kernel, "chunks = [bytearray(50 * 1024 * 1024) for _ in range(10)]", timeout=60)
     assert result["status"] == "died"
-    (container,) = _containers(created["sandboxId"])
-    assert container.attrs["HostConfig"]["Memory"] == 200 * 1024 * 1024
-    assert container.attrs["HostConfig"]["PidsLimit"] == 64
-    assert container.attrs["HostConfig"]["NanoCpus"] == 500_000_000
     dd.request("cellbox/restartKernel", {"kernelId": kernel}, timeout=60)
-    assert run(dd, kernel, "6 * 7")["text"] == "42\n"
-    dd.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}, timeout=60)
-
-
-def test_read_only_mount(dd: Daemon) -> None:
-    # not pytest's tmp_path: its parents are private to root, and the container's user is not root
-    tmp_path = Path(tempfile.mkdtemp())
-    tmp_path.chmod(0o755)
-    (tmp_path / "data.txt").write_text("mounted")
-    created = dd.request(
-        "cellbox/createSandbox",
-        {"backend": "docker", "mounts": [{"source": str(tmp_path), "target": "/data", "readOnly": True}]},
-        timeout=600,
+    fork_bomb = (
+        "import os, time\nwhile True:\n    try:\n        os.fork() or (time.sleep(30), os._exit(0))\n"
+        "    except OSError:\n        break\n'bounded'"
     )
-    kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
+    assert run(dd, kernel, "6 * 7")["text"] == "42\n"
+    assert run(dd, kernel, fork_bomb, timeout=60)["status"] in ("ok", "died")
+    dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
+
+
+def test_read_only_mount_of_a_shared_folder(eng: Engine, dd: Daemon) -> None:
+    if eng.name == "local":
+        os.makedirs(SHARED, exist_ok=True)  # the other engines' machines share it (tests/engines/up)
+    folder = Path(tempfile.mkdtemp(dir=SHARED))
+    folder.chmod(0o755)
+    (folder / "data.txt").write_text("mounted")
+    (folder / "data.txt").chmod(0o644)
+    mounts = [{"source": str(folder), "target": "/data", "readOnly": True}]
+    sandbox, kernel = _new(dd, mounts=mounts)
     assert run(dd, kernel, "open('/data/data.txt').read()")["text"] == "'mounted'\n"
     assert run(dd, kernel, "open('/data/new.txt', 'w')")["error"]["ename"] == "OSError"
-    dd.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}, timeout=60)
-    shutil.rmtree(tmp_path)
+    dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
+    relative = dd.response(
+        dd.start(
+            "cellbox/createSandbox", {"backend": "docker", "mounts": [{"source": "data", "target": "/d"}]}
+        )
+    )
+    assert relative["error"]["code"] == -32602 and "mounts[0]" in relative["error"]["message"]
 
 
-def test_unknown_image_answers_image_not_found(dd: Daemon) -> None:
-    error = dd.response(dd.start("cellbox/createSandbox", {"backend": "docker", "image": "cellbox-nope:1"}))[
-        "error"
-    ]
-    assert error["code"] == 1004 and "cellbox build" in error["message"]
-
-
-def test_daemon_exit_removes_its_containers() -> None:
-    with Daemon() as d:
-        created = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
-        assert len(_containers(created["sandboxId"])) == 1
-        assert d.proc.stdin is not None
-        d.proc.stdin.close()
-        d.proc.wait(timeout=15)
-    assert _containers(created["sandboxId"]) == []
-
-
-def test_containers_of_a_killed_daemon_are_removed_by_the_next() -> None:
-    d = Daemon()
-    created = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait(timeout=10)
-    (container,) = _containers(created["sandboxId"])
-    folder = Path(_sockets(container)["Source"])
-    assert folder.is_dir()
-    with Daemon():
-        deadline = time.monotonic() + 30
-        while _containers(created["sandboxId"]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    assert _containers(created["sandboxId"]) == []
-    assert not folder.exists()  # and its sockets folder
-
-
-def test_sockets_of_a_killed_daemon_go_even_when_its_container_went_first() -> None:
-    d = Daemon()
-    created = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
-    d.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait(timeout=10)
-    (container,) = _containers(created["sandboxId"])
-    folder = Path(_sockets(container)["Source"])
-    container.remove(force=True)  # e.g. `docker rm` by hand: no container leads to the folder
-    assert folder.is_dir()
-    with Daemon():
-        deadline = time.monotonic() + 30
-        while folder.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    assert not folder.exists()
-
-
-def test_network_none_cuts_the_sandbox_off_and_kernels_still_work(dd: Daemon) -> None:
-    created = dd.request("cellbox/createSandbox", {"backend": "docker", "network": "none"}, timeout=600)
-    (container,) = _containers(created["sandboxId"])
+def test_network_none_cuts_the_sandbox_off_and_kernels_still_work(
+    client: docker.DockerClient, dd: Daemon
+) -> None:
+    sandbox, kernel = _new(dd, network="none")
+    (container,) = _containers(client, sandbox)
     assert container.attrs["HostConfig"]["NetworkMode"] == "none"
-    assert not container.attrs["HostConfig"]["PortBindings"]
-    assert not container.attrs["NetworkSettings"]["Ports"]
-    kernel = dd.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)["kernelId"]
     code = (
         "import socket\n"
         "try:\n"
@@ -295,23 +310,71 @@ def test_network_none_cuts_the_sandbox_off_and_kernels_still_work(dd: Daemon) ->
     )
     result = run(dd, kernel, code)
     assert result["status"] == "ok" and result["text"].startswith("refused"), result
-    # the kernel's sockets are files in a bind mount: streaming, interrupts and restarts need no network
-    msg_id = dd.start(
-        EXECUTE, {"kernelId": kernel, "code": "import time; print('up', flush=True); time.sleep(60)"}
-    )
-    time.sleep(1.5)
+    # the agent's channel is the engine's exec session: it needs no network
+    msg_id = _sleep(dd, kernel, f"offline-{sandbox}")
     dd.request("cellbox/interruptKernel", {"kernelId": kernel})
     assert dd.response(msg_id, timeout=15)["result"]["text"] == "up\n"
     dd.request("cellbox/restartKernel", {"kernelId": kernel}, timeout=60)
     assert run(dd, kernel, "sum(range(10))")["text"] == "45\n"
-    dd.request("cellbox/destroySandbox", {"sandboxId": created["sandboxId"]}, timeout=60)
+    dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
 
 
-def test_pip_in_a_cell_installs_into_the_container(dd: Daemon, box: dict) -> None:
-    code = "!pip install --quiet cowsay==6.1\nimport cowsay\ncowsay.__file__"
-    result = run(dd, box["kernel"], code)
-    assert result["status"] == "ok", result
-    assert result["outputs"][-1]["data"]["text/plain"].startswith("'/opt/cellbox/venv/")
+def test_unknown_image_and_runtime(dd: Daemon) -> None:
+    error = dd.response(
+        dd.start("cellbox/createSandbox", {"backend": "docker", "image": "cellbox-nope:1"}), timeout=120
+    )
+    assert error["error"]["code"] == 1004 and "cellbox build" in error["error"]["message"], error
+    error = dd.response(
+        dd.start("cellbox/createSandbox", {"backend": "docker", "runtime": "no-such-runtime"})
+    )
+    assert error["error"]["code"] == 1003 and "runc" in error["error"]["message"], error
+
+
+def test_exec_sessions_and_engine_calls_leave_no_fds(dd: Daemon, box: dict) -> None:
+    sandbox = box["sandboxId"]
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{dd.proc.pid}/fd"))
+
+    dd.request("cellbox/getSkillSources", {"sandboxId": sandbox, "modules": ["json"]})
+    before = fds()
+    for index in range(20):
+        dd.request("cellbox/getSkillSources", {"sandboxId": sandbox, "modules": ["json"]})
+        _write(dd, sandbox, f"n/{index}.txt", b"x")
+        other = dd.request("cellbox/startKernel", {"sandboxId": sandbox}, timeout=120)["kernelId"]
+        dd.request("cellbox/shutdownKernel", {"kernelId": other})
+    assert fds() <= before
+
+
+def test_daemon_exit_removes_its_containers_and_their_volumes(
+    eng: Engine, client: docker.DockerClient
+) -> None:
+    with Daemon(env=eng.env) as d:
+        created = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
+        (container,) = _containers(client, created["sandboxId"])
+        volumes = [m["Name"] for m in container.attrs["Mounts"] if m["Type"] == "volume"]
+        assert len(volumes) == 2
+        assert d.proc.stdin is not None
+        d.proc.stdin.close()
+        d.proc.wait(timeout=15)
+    assert _containers(client, created["sandboxId"]) == []
+    assert not {v.name for v in client.volumes.list()} & set(volumes)
+
+
+def test_containers_of_a_killed_daemon_are_removed_by_the_next(
+    eng: Engine, client: docker.DockerClient
+) -> None:
+    d = Daemon(env=eng.env)
+    created = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)
+    d.request("cellbox/startKernel", {"sandboxId": created["sandboxId"]}, timeout=120)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    assert len(_containers(client, created["sandboxId"])) == 1
+    with Daemon(env=eng.env):
+        deadline = time.monotonic() + 30
+        while _containers(client, created["sandboxId"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert _containers(client, created["sandboxId"]) == []
 
 
 SEED_DEPENDENCIES = """\
@@ -331,8 +394,9 @@ def remember(text: str) -> str:
 '''
 
 
-def test_the_seed_flow_end_to_end(dd: Daemon) -> None:
-    """Build from a dependency file, sandbox with a key, runtime install, skill sources, new kernel."""
+def test_the_seed_flow_end_to_end(client: docker.DockerClient, dd: Daemon) -> None:
+    """Build from a dependency file, sandbox with a key, runtime install, a skill put in through
+    writeFile, its sources, a new kernel using it."""
     tag = "cellbox-test-seed:1"
     try:
         built = dd.request(
@@ -356,7 +420,7 @@ def test_the_seed_flow_end_to_end(dd: Daemon) -> None:
             "cellbox/installPackage", {"sandboxId": sandbox, "packages": ["cowsay==6.1"]}, timeout=600
         )
         assert {"name": "cowsay", "version": "6.1"} in installed["installed"]
-        (Path(created["workspace"]) / "skills" / "notes.py").write_text(SEED_SKILL)
+        _write(dd, sandbox, "skills/notes.py", SEED_SKILL.encode())
         sources = dd.request("cellbox/getSkillSources", {"sandboxId": sandbox, "modules": ["notes"]})
         assert sources["formatted"] == f"```python\n# Module: notes\n\n{SEED_SKILL}\n```"
 
@@ -364,11 +428,66 @@ def test_the_seed_flow_end_to_end(dd: Daemon) -> None:
         result = run(dd, kernel, "import os, notes\nprint(notes.remember(os.environ['NOTES_API_KEY']))")
         assert result["status"] == "ok", result
         assert "k-123" in result["text"] and "^__^" in result["text"]
-        assert (Path(created["workspace"]) / "notes.json").exists()
+        assert b"k-123" in _read(dd, sandbox, "notes.json")
         dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
     finally:
         with contextlib.suppress(docker.errors.ImageNotFound):
-            docker.from_env().images.remove(tag, force=True)
+            client.images.remove(tag, force=True)
+
+
+# --- what a hostile cell can plant ---------------------------------------------------------
+
+_PLANT = """
+import glob, os
+canary = {canary!r}
+# images/ itself, and the names coming executions' images will get, point at the canary folder
+os.rename('images', 'images-old')
+os.symlink(canary, 'images')
+os.makedirs('real-images', exist_ok=True)
+os.symlink(canary + '/planted.txt', 'out-file')
+os.symlink('/etc', 'out-dir')
+os.symlink('real-images', 'in-dir')
+# everything of the agent's: its kernels' connection files, sockets and credits FIFOs
+for path in glob.glob('/tmp/cellbox-agent-*/*'):
+    os.remove(path)
+    os.symlink(canary + '/' + os.path.basename(path), path)
+print('planted')
+"""
+
+
+def test_symlinks_a_cell_plants_lead_nowhere_outside_the_sandbox(dd: Daemon) -> None:
+    """A cell replaces what it can reach with symlinks to a folder of the daemon's machine: its
+    images/ folder, its workspace's files, the agent's own files; neither images, nor file
+    operations, nor new kernels make the daemon touch that folder."""
+    canary = Path(tempfile.mkdtemp(prefix="cellbox-canary-"))
+    (canary / "planted.txt").write_text("the daemon's file")
+    before = sorted(p.name for p in canary.iterdir())
+    sandbox, kernel = _new(dd)
+    assert run(dd, kernel, _PLANT.format(canary=str(canary)))["text"] == "planted\n"
+    display = "from IPython.display import SVG, display\ndisplay(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\"/>'))"
+    result = run(dd, kernel, display)
+    assert result["status"] == "ok" and "file" not in result["outputs"][0]  # not saved, nowhere
+    for path in ("out-file", "out-dir/passwd", "images/x.png", "/etc/passwd", "../x", "a/../../x"):
+        for method, params in (
+            ("cellbox/readFile", {"path": path}),
+            ("cellbox/writeFile", {"path": path, "content": "eA=="}),
+            ("cellbox/deleteFile", {"path": path}),
+        ):
+            if (method, path) == ("cellbox/deleteFile", "out-file"):
+                continue  # the symlink itself is in the workspace: deleting it is below
+            answer = dd.response(dd.start(method, {"sandboxId": sandbox, **params}))
+            assert answer.get("error", {}).get("code") == -32602, (method, path, answer)
+    dd.request("cellbox/deleteFile", {"sandboxId": sandbox, "path": "out-file"})  # the link, not its target
+    _write(dd, sandbox, "in-dir/ok.txt", b"inside")  # a symlink inside the workspace is followed
+    assert _read(dd, sandbox, "real-images/ok.txt") == b"inside"
+    other = dd.request("cellbox/startKernel", {"sandboxId": sandbox}, timeout=120)["kernelId"]
+    assert run(dd, other, "6 * 7")["text"] == "42\n"
+    assert sorted(p.name for p in canary.iterdir()) == before
+    assert (canary / "planted.txt").read_text() == "the daemon's file"
+    dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
+
+
+# --- the command line, against the local engine ---------------------------------------------
 
 
 def _cellbox(*args: str) -> subprocess.CompletedProcess[str]:
@@ -377,7 +496,9 @@ def _cellbox(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_ps_lists_sandboxes_and_prune_removes_orphans() -> None:
+def test_ps_lists_sandboxes_and_prune_removes_orphans(eng: Engine, client: docker.DockerClient) -> None:
+    if eng.name != "local":
+        pytest.skip("the command line reads DOCKER_HOST; one engine shows it")
     d = Daemon()
     local = d.request("cellbox/createSandbox", {})["sandboxId"]
     container = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)["sandboxId"]
@@ -385,85 +506,11 @@ def test_ps_lists_sandboxes_and_prune_removes_orphans() -> None:
     assert rows[local][1:4] == ["local", str(d.proc.pid), "running"]
     assert rows[container][1:4] == ["docker", str(d.proc.pid), "running"]
     assert _cellbox("prune").stdout == ""  # a running daemon's sandboxes stay
-    assert {local, container} <= {line.split()[0] for line in _cellbox("ps").stdout.splitlines()[1:]}
-
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(timeout=10)
     assert not {local, container} & {line.split()[0] for line in _cellbox("ps").stdout.splitlines()[1:]}
     orphans = {line.split()[0]: line.split()[3] for line in _cellbox("ps", "--all").stdout.splitlines()[1:]}
     assert orphans[local] == orphans[container] == "orphaned"
     removed = _cellbox("prune").stdout.split()
-    assert f"{local}" in removed and f"{container}" in removed
-    assert _containers(container) == []
-    assert not {local, container} & {
-        line.split()[0] for line in _cellbox("ps", "--all").stdout.splitlines()[1:]
-    }
-
-
-@pytest.fixture
-def sandbox(box: dict) -> Iterator[Any]:
-    """A DockerSandbox made in this process (not through a daemon), of the `box` sandbox's image."""
-    from cellbox import types as t
-    from cellboxd.backends.docker import DockerSandbox, connect
-
-    home = Path(tempfile.mkdtemp(prefix="cbx-"))
-    made = DockerSandbox.create(
-        connect(),
-        root=home / "root",
-        sandbox_id="sb-" + home.name[-8:],
-        daemon_id="test_docker",
-        image=box["image"],
-        params=t.CreateSandboxParams(backend="docker"),
-        sockets=home / "s",
-    )
-    yield made
-    with contextlib.suppress(docker.errors.NotFound):
-        made._container.remove(force=True)
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def _fds() -> int:
-    return len(list(Path("/proc/self/fd").iterdir()))
-
-
-async def test_exec_connections_are_closed_at_once(sandbox: Any) -> None:
-    """Each `docker exec`, and each call to the engine, frees its connection when it ends, not
-    at garbage collection; and none is kept alive in the SDK's pools (one per URL)."""
-    gc.disable()  # the SDK's exec streams sit in reference cycles: only closing them frees them
-    try:
-        assert (await sandbox.run(["true"])).returncode == 0
-        before = _fds()
-        for _ in range(30):
-            result = await sandbox.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
-            assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
-        assert _fds() <= before
-    finally:
-        gc.enable()
-    await sandbox.close()
-    assert not sandbox._sockets.exists() and not sandbox.root.exists()
-
-
-async def test_waiting_for_kernels_holds_no_thread(sandbox: Any) -> None:
-    """`wait()` on a kernel in a container holds none of the loop's executor threads."""
-    import asyncio
-
-    launch = sandbox.kernel_launch("k-waits")
-    km = launch.manager
-    await km.start_kernel(**launch.kwargs)
-    provisioner = km.provisioner
-    assert await provisioner.poll() is None
-    waits = [asyncio.create_task(provisioner.wait()) for _ in range(3 * (os.cpu_count() or 1) + 20)]
-    await asyncio.sleep(0.2)
-    # the default executor has cores + 4 threads: waits that each held one would starve it
-    assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 5) == 42
-    assert not any(w.done() for w in waits)
-    waits[0].cancel()  # one waiter given up leaves the others waiting
-    await asyncio.sleep(0.1)
-    assert not any(w.done() for w in waits[1:])
-    await km.shutdown_kernel(now=True)
-    codes = await asyncio.wait_for(asyncio.gather(*waits[1:]), 10)
-    assert len(set(codes)) == 1 and codes[0] is not None and codes[0] != 0  # killed
-    assert await provisioner.poll() == codes[0]
-    assert await provisioner.wait() == codes[0]
-    sandbox.release_kernel("k-waits")
-    await sandbox.close()
+    assert local in removed and container in removed
+    assert _containers(client, container) == []

@@ -29,8 +29,8 @@ import pytest
 
 from cellbox import __version__, errors
 from cellbox import types as t
-from cellboxd import images
-from cellboxd.dependencies import parse_dependencies, variant_dependencies
+from cellboxd.backends.docker import images
+from cellboxd.backends.docker.dependencies import parse_dependencies, variant_dependencies
 from tests.conftest import docker_unavailable
 
 CELLBOX = [sys.executable, "-m", "cellboxd"]
@@ -56,7 +56,7 @@ def base_image(engine: docker.DockerClient) -> str:
     name = os.environ.get("CELLBOX_BASE_IMAGE") or images.DEFAULT_BASE_IMAGE
     if images.find_image(engine, name) is None:
         docker_unavailable(
-            f"the base image {name} is not on the engine (cellbox never pulls; build or pull it)"
+            f"the base image {name} is not on the engine (no registry reachable here to pull it from)"
         )
     return name
 
@@ -148,7 +148,16 @@ def test_dockerfile_puts_the_venv_before_the_requirements() -> None:
     assert ca < user < venv < requirements < index("RUN pip install") < index("WORKDIR /workspace")
     assert "--uid 1234 --gid 2345" in text
     assert "PIP_CERT=/etc/cellbox/ca-bundle.crt" in text and "REQUESTS_CA_BUNDLE=" in text
-    assert "ENV PATH=/opt/cellbox/venv/bin:" in text and "PYTHONPATH=/workspace/skills" in text
+    assert "ENV PATH=/opt/cellbox/packages/bin:/opt/cellbox/venv/bin:" in text
+    assert "PYTHONPATH=/workspace/skills" in text
+    # no setuid or setgid binaries, cleared before the image's user is made
+    assert index("RUN find / -xdev -type f -perm /6000 -exec chmod a-s") < user
+    # runtime installs go to their own prefix, which the venv puts ahead of its own packages
+    assert "mkdir -p /opt/cellbox /opt/cellbox/packages " in text
+    assert (
+        'shutil.copy("/opt/cellbox/cellbox-packages.pth", sysconfig.get_paths()["purelib"])'
+        in lines[venv + 2]
+    )
 
     plain = images.render_dockerfile("base:1", user=None)
     assert "useradd" not in plain

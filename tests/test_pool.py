@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.bench.procfs import descendant_pids
 from tests.rpc import Daemon
 from tests.test_cleanup import _wait_gone
 
@@ -34,13 +36,12 @@ def _wait_ready(d: Daemon, ready: int, within: float = 60) -> list[dict[str, Any
 
 
 def _kernel_pids(daemon_pid: int) -> set[int]:
-    """The daemon's child processes that are kernels."""
+    """The daemon's descendants that are kernels (its agents' children)."""
     found = set()
-    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"ipykernel_launcher" in cmdline:
-                found.add(int(pid))
+    for pid in descendant_pids(daemon_pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if b"ipykernel_launcher" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
     return found
 
 

@@ -30,7 +30,12 @@ def test_initialize_advertises_cellbox(daemon: Daemon) -> None:
     assert result["serverInfo"]["version"]
     cellbox = result["capabilities"]["experimental"]["cellbox"]
     backends = ["local", "docker"] if engine_reachable() else ["local"]
-    assert cellbox == {"protocolVersion": 1, "backends": backends, "defaultBackend": "local"}
+    assert cellbox == {
+        "protocolVersion": 1,
+        "backends": backends,
+        "defaultBackend": "local",
+        "fileCap": 8 << 20,
+    }
 
 
 def test_no_engine_means_no_docker_backend_and_a_clear_error() -> None:

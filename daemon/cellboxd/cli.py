@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cellbox import __version__
 from cellbox import types as t
 from cellbox.client import Client, ExecutionEvent
-from cellbox.errors import BuildFailed, CellboxError, InstallFailed, InvalidDependencies
+from cellbox.errors import BackendUnavailable, BuildFailed, CellboxError, InstallFailed, InvalidDependencies
+
+if TYPE_CHECKING:
+    from cellboxd.backends.base import Backend
+    from cellboxd.config import Resolved
 
 _BACKENDS = ["local", "docker"]
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -33,7 +36,7 @@ def _client() -> Client:
 
 def _serve(args: argparse.Namespace) -> int:
     from cellboxd import codecache
-    from cellboxd.config import ConfigError, load_settings
+    from cellboxd.config import ConfigError, cache_path, load_settings
 
     try:
         settings = load_settings(
@@ -43,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cellbox: {exc}", file=sys.stderr)
         return 2
     # lazily: the other subcommands start faster without the server
-    with codecache.cached_compile(settings.cache_path):
+    with codecache.cached_compile(cache_path(settings)):
         from cellboxd.server import serve
     return serve(settings)
 
@@ -166,7 +169,7 @@ def _directory(text: str) -> Path:
 def _sources(args: argparse.Namespace) -> int:
     with _client() as client, client.create_sandbox("local") as sandbox:
         if args.skills is not None:
-            shutil.copytree(args.skills, Path(sandbox.workspace) / "skills", dirs_exist_ok=True)
+            sandbox.upload(args.skills, "skills")
         result = sandbox.skill_sources(args.modules)
     print(result.formatted)
     return 0
@@ -251,29 +254,25 @@ def _local_time(iso: str) -> str:
 # --- ps, prune -----------------------------------------------------------------------------
 
 
-def _engine() -> Any:
-    """The Docker engine's client, or None (with a note) when none answers."""
-    import docker
+def _backends() -> tuple[Resolved, dict[t.Backend, Backend]]:
+    from cellboxd import backends
+    from cellboxd.config import load_settings, resolve
 
-    try:
-        client = docker.from_env(timeout=5)
-        client.ping()
-    except Exception as exc:
-        print(f"cellbox: docker sandboxes not shown: no engine reachable ({exc})", file=sys.stderr)
-        return None
-    return client
+    resolved = resolve(load_settings())
+    return resolved, backends.make(resolved, daemon_id="cli")
 
 
 def _ps(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cellboxd import inventory
-    from cellboxd.config import load_settings
-
-    entries = inventory.local_sandboxes(load_settings().sandboxes_path)
-    if (client := _engine()) is not None:
-        entries += inventory.docker_sandboxes(client)
+    _, backends = _backends()
+    entries = []
+    for backend in backends.values():
+        try:
+            entries += backend.entries()
+        except BackendUnavailable as exc:
+            print(f"cellbox: {backend.name} sandboxes not shown: {exc.message}", file=sys.stderr)
     if not args.all:
         entries = [e for e in entries if not e.orphaned]
     table = Table("SANDBOX", "BACKEND", "DAEMON", "STATE", "IMAGE", "CREATED", box=None, header_style="bold")
@@ -285,12 +284,14 @@ def _ps(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from cellboxd import inventory
-    from cellboxd.config import load_settings
+    import asyncio
 
-    removed = list(inventory.remove_orphan_folders(load_settings().sandboxes_path))
-    if (client := _engine()) is not None:
-        removed += inventory.remove_docker_orphans(client)
+    from cellboxd import inventory
+
+    resolved, backends = _backends()
+    removed = list(inventory.remove_orphan_folders(resolved.sandboxes_path, resolved.runtime_path))
+    for backend in backends.values():
+        removed += asyncio.run(backend.remove_orphans())
     for sandbox_id in dict.fromkeys(removed):
         print(f"removed {sandbox_id}")
     return 0

@@ -7,6 +7,7 @@ environment variables, the command line, and `initializationOptions` of `initial
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -21,6 +22,15 @@ from cellbox import types as t
 APP = "cellbox"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class DefaultLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a sandbox without `limits` gets, where its backend enforces limits (docker); a
+    sandbox's own `limits` replace them field by field. 0 means no limit."""
+
+    memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 2048
+    cpus: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    pids: Annotated[int, msgspec.Meta(ge=0)] = 512
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -43,42 +53,71 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     installer: Literal["auto", "pip", "uv"] = "auto"
     # the warm pool: sandboxes kept ready, each with one kernel started (see pool.py)
     pool: list[t.PoolSpec] = msgspec.field(default_factory=list)
+    # bytes of file content one readFile answers or one writeFile takes
+    file_cap: Annotated[int, msgspec.Meta(gt=0)] = 8 << 20
+    # hardening of docker sandboxes, each also a per-sandbox field where the protocol has one
+    limits: DefaultLimits = msgspec.field(default_factory=DefaultLimits)
+    # the container's root file system read-only; /tmp, the workspace and packages stay writable
+    read_only_root: bool = True
+    # MiB of the container's /tmp (memory, counted against its memory limit)
+    tmp_size_mb: Annotated[int, msgspec.Meta(gt=0)] = 512
+    # the engine's OCI runtime for sandboxes without `runtime` (e.g. "runsc"); "" the engine's default
+    docker_runtime: str = ""
 
-    @property
-    def data_path(self) -> Path:
-        return Path(self.data_dir or platformdirs.user_data_dir(APP))
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Settings with every place resolved, once, when the daemon knows all it will be told
+    (after `initialize`); nothing reads settings before."""
+
+    settings: Settings
+    data_path: Path
+    cache_path: Path
+    log_path: Path
+    runtime_path: Path
 
     @property
     def sandboxes_path(self) -> Path:
         """One folder per sandbox of every daemon of this user."""
         return self.data_path / "sandboxes"
 
-    @property
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir or platformdirs.user_cache_dir(APP))
 
-    @property
-    def runtime_path(self) -> Path:
-        """A private folder for sockets: the platformdirs runtime dir, else one in the temp dir."""
-        candidates = [self.runtime_dir] if self.runtime_dir else []
-        with warnings.catch_warnings(action="ignore"):  # no XDG_RUNTIME_DIR: platformdirs warns
-            candidates.append(platformdirs.user_runtime_dir(APP))
-        candidates.append(os.path.join(tempfile.gettempdir(), f"{APP}-{os.getuid()}"))
-        for candidate in candidates:
-            path = Path(candidate)
-            if len(str(path)) > 64:
-                continue
-            try:
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-                path.chmod(0o700)
-            except OSError:
-                continue
-            return path
-        raise ConfigError(f"no usable folder for kernel sockets among {candidates}; set runtime_dir")
+def resolve(settings: Settings) -> Resolved:
+    return Resolved(
+        settings=settings,
+        data_path=Path(settings.data_dir or platformdirs.user_data_dir(APP)),
+        cache_path=cache_path(settings),
+        log_path=log_path(settings),
+        runtime_path=_runtime_path(settings.runtime_dir),
+    )
 
-    @property
-    def log_path(self) -> Path:
-        return Path(self.log_dir or platformdirs.user_log_dir(APP))
+
+def cache_path(settings: Settings) -> Path:
+    return Path(settings.cache_dir or platformdirs.user_cache_dir(APP))
+
+
+def log_path(settings: Settings) -> Path:
+    return Path(settings.log_dir or platformdirs.user_log_dir(APP))
+
+
+def _runtime_path(configured: str) -> Path:
+    """A private folder for local kernels' sockets: the platformdirs runtime dir, else one in
+    the temp dir; short, as a socket's path must stay under 108 bytes."""
+    candidates = [configured] if configured else []
+    with warnings.catch_warnings(action="ignore"):  # no XDG_RUNTIME_DIR: platformdirs warns
+        candidates.append(platformdirs.user_runtime_dir(APP))
+    candidates.append(os.path.join(tempfile.gettempdir(), f"{APP}-{os.getuid()}"))
+    for candidate in candidates:
+        path = Path(candidate)
+        if len(str(path)) > 64:
+            continue
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.chmod(0o700)
+        except OSError:
+            continue
+        return path
+    raise ConfigError(f"no usable folder for kernel sockets among {candidates}; set runtime_dir")
 
 
 class ConfigError(Exception):
@@ -96,7 +135,12 @@ _ENV = {
     "CELLBOX_INTERRUPT_GRACE": "interrupt_grace",
     "CELLBOX_KERNEL_START_TIMEOUT": "kernel_start_timeout",
     "CELLBOX_INSTALLER": "installer",
+    "CELLBOX_FILE_CAP": "file_cap",
+    "CELLBOX_READ_ONLY_ROOT": "read_only_root",
+    "CELLBOX_TMP_SIZE_MB": "tmp_size_mb",
+    "CELLBOX_DOCKER_RUNTIME": "docker_runtime",
 }
+_LIMITS_ENV = {"CELLBOX_MEMORY_MB": "memory_mb", "CELLBOX_CPUS": "cpus", "CELLBOX_PIDS": "pids"}
 
 
 def parse_pool(text: str) -> list[dict[str, Any]]:
@@ -130,6 +174,9 @@ def load_settings(**overrides: Any) -> Settings:
     for var, field in _ENV.items():
         if (value := os.environ.get(var)) is not None and value != "":
             values[field] = value
+    for var, field in _LIMITS_ENV.items():
+        if (value := os.environ.get(var)) is not None and value != "":
+            values.setdefault("limits", {})[field] = value
     if pool := os.environ.get("CELLBOX_POOL"):
         values["pool"] = parse_pool(pool)
     values.update({k: v for k, v in overrides.items() if v is not None})

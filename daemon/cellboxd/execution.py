@@ -1,11 +1,11 @@
 """One execution: what a cell's IOPub messages and shell reply add up to.
 
 It streams each output as a notification and collects the ExecuteResult: `text` capped at
-the daemon's limit, rich outputs, images saved to the workspace's `images/` folder, the error,
-and how the execution ended. Stream text is coalesced: chunks of one stream that arrive
-within `COALESCE_SECONDS` of each other go out as one notification (at most
-`COALESCE_CHARS` characters wait), and anything else that goes out, or the end, sends what
-waits first, so order is kept.
+the daemon's limit, rich outputs, images saved to the workspace's `images/` folder (by the
+sandbox's agent, through `save`), the error, and how the execution ended. Stream text is
+coalesced: chunks of one stream that arrive within `COALESCE_SECONDS` of each other go out as
+one notification (at most `COALESCE_CHARS` characters wait), and anything else that goes out,
+or the end, sends what waits first, so order is kept.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cellbox import methods
@@ -25,6 +24,8 @@ from cellbox import types as t
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str, Any], None]
+SaveFile = Callable[[str, bytes], Awaitable[tuple[str, str | None] | None]]
+"""Saves an image (its extension, its bytes) in the workspace: its `file` and `path`, or None."""
 
 COALESCE_SECONDS = 0.005
 COALESCE_CHARS = 64 * 1024
@@ -51,13 +52,13 @@ class Execution:
         *,
         execution_id: str,
         kernel_id: str,
-        images_dir: Path,
+        save: SaveFile,
         text_cap: int,
         notify: Notify,
     ) -> None:
         self.execution_id = execution_id
         self.kernel_id = kernel_id
-        self._images_dir = images_dir
+        self._save = save
         self._text_cap = text_cap
         self._notify = notify
         self._text: list[str] = []
@@ -85,8 +86,6 @@ class Execution:
             stream: t.Stream = "stderr" if content.get("name") == "stderr" else "stdout"
             self._stream(stream, text)
             self._add_text(text)
-        elif msg_type in ("execute_result", "display_data"):
-            self._on_output(msg_type, content)
         elif msg_type == "error":
             self.error = t.ErrorInfo(
                 content.get("ename", ""), content.get("evalue", ""), plain(content.get("traceback", []))
@@ -154,14 +153,16 @@ class Execution:
         self._text.append(text)
         self._text_len += len(text)
 
-    def _on_output(self, msg_type: str, content: dict[str, Any]) -> None:
+    async def on_output(self, msg_type: str, content: dict[str, Any]) -> None:
+        """An `execute_result` or `display_data`: its image saved first, then sent and kept."""
         data: dict[str, Any] = content.get("data") or {}
         metadata: dict[str, Any] = content.get("metadata") or {}
         self.flush()
-        path = self._save_image(data)
-        self._keep(t.Output(data, metadata, path))
+        file, path = await self._save_image(data) or (None, None)
+        self._keep(t.Output(data, metadata, path, file))
         self._notify(
-            methods.DISPLAY, t.DisplayNotification(self.execution_id, self.kernel_id, data, metadata, path)
+            methods.DISPLAY,
+            t.DisplayNotification(self.execution_id, self.kernel_id, data, metadata, path, file),
         )
         if msg_type == "execute_result" and isinstance(text := data.get("text/plain"), str):
             self._add_text(text if text.endswith("\n") else text + "\n")
@@ -169,20 +170,20 @@ class Execution:
     def _keep(self, output: t.Output) -> None:
         """Adds an output to the result within the cap, which outputs count against too: a cell
         that displays without end must not grow the daemon. Past the cap an image is kept as its
-        `path` alone; every output still went out as a notification."""
+        `file` and `path` alone; every output still went out as a notification."""
         size = sum(len(value) for value in output.data.values() if isinstance(value, str))
         if self._outputs_size + size > self._text_cap:
             self.truncated = True
-            if (path := output.path) is None:
+            if output.file is None:
                 return
-            output = t.Output({}, {}, path)
-            size = len(path) + 64
+            size = len(output.file) + len(output.path or "") + 64
+            output = t.Output({}, {}, output.path, output.file)
             if self._outputs_size + size > self._text_cap:
                 return
         self._outputs_size += size
         self.outputs.append(output)
 
-    def _save_image(self, data: dict[str, Any]) -> str | None:
+    async def _save_image(self, data: dict[str, Any]) -> tuple[str, str | None] | None:
         for mime, ext in _IMAGE_EXT.items():
             value = data.get(mime)
             if not isinstance(value, str):
@@ -192,14 +193,7 @@ class Execution:
             except (binascii.Error, ValueError):
                 log.warning("execution %s: %s output is not valid base64", self.execution_id, mime)
                 return None
-            path = self._images_dir / f"{self.execution_id}-{len(self.outputs) + 1}.{ext}"
-            try:
-                self._images_dir.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(payload)
-            except OSError as exc:
-                log.warning("cannot save an image to %s: %s", path, exc)
-                return None
-            return str(path)
+            return await self._save(ext, payload)
         return None
 
     # -- the result -------------------------------------------------------------------------

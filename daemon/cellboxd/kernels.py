@@ -1,37 +1,124 @@
-"""A kernel: one IPython kernel driven through jupyter_client's async manager and client.
+"""A kernel: one IPython kernel process in a sandbox, and the routing of its messages.
 
-Each kernel has one IOPub reader and one shell reader that route messages to the running
-execution by their parent's msg_id, a monitor that notices a dead kernel process at once
-(it sleeps until the process ends), and
-a FIFO lock so that executes on one kernel run in arrival order (kernels run in parallel).
+The process is started by the sandbox's agent and reached through a `KernelPort` of the
+sandbox's channel, whatever the backend. This module owns its lifecycle (start and the
+handshake that tells it is ready, interrupt, restart, shutdown, death) and hands its messages
+to the running execution and to editor requests. jupyter_client's `Session` signs and
+serializes what the daemon sends; `messages.decode` reads what comes back. Executes on one
+kernel run in arrival order (a FIFO lock); kernels run in parallel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import os
+import secrets
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from cellbox import errors, methods
 from cellbox import types as t
-from cellboxd.backends.base import CREDIT_CHARS, KernelLaunch, process_exit
+from cellboxd.channel import ChannelClosed, Exit, KernelPort
 from cellboxd.execution import Execution, Notify
-from cellboxd.messages import Reader
+from cellboxd.messages import Message, decode
+from cellboxd.sandbox.wire import CHANNEL
 
 if TYPE_CHECKING:
-    from jupyter_client.asynchronous.client import AsyncKernelClient
-    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.session import Session
+
+    from cellboxd.backends.base import SandboxRuntime
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # characters of output per notification, at the most
+_SHELL, _IOPUB, _CONTROL = CHANNEL["shell"], CHANNEL["iopub"], CHANNEL["control"]
+_STOP_WAIT = 5.0  # seconds for a process to end once it was killed
+_SHUTDOWN_WAIT = 2.0  # seconds a kernel gets to end after a shutdown_request
+
+# Run in each kernel at start. ipykernel sends what a cell prints every 0.2 s however much it
+# is, so a cell that prints fast makes messages of many MB; and nothing stops a kernel from
+# printing faster than the daemon's client reads. So every MiB a kernel writes is flushed as
+# one message and needs a credit: a byte the agent writes into the kernel's credits FIFO when
+# the daemon's client has taken a MiB (see `_credit`). A kernel may be CREDITS_AHEAD MiB ahead;
+# then `print` waits for its reader, as on a terminal. A FIFO that cannot be opened, or that
+# ends (the agent is gone), stops the waiting. The wrapper is put back before every cell:
+# IPython 9 restores `sys.stdout.write` after each one.
+CREDIT_CHARS = 1 << 20
+CREDITS_AHEAD = 8
+_BOUNDED_STREAMS = """\
+def _cellbox_bound(path, limit={limit}, ahead={ahead}):
+    import os as _o, sys as _s
+    fd = [None, ahead, 0]  # the FIFO, credits in hand, characters since the last credit
+    if path:
+        try:
+            fd[0] = _o.open(path, _o.O_RDONLY | _o.O_NONBLOCK)
+            _o.set_blocking(fd[0], True)
+        except OSError:
+            pass
+    def credit():
+        if fd[1]:
+            fd[1] -= 1
+        elif fd[0] is not None and not _o.read(fd[0], 1):
+            _o.close(fd[0])
+            fd[0] = None
+    def bound(stream):
+        write = stream.write
+        if getattr(write, "_cellbox", False):
+            return
+        def bounded(text):
+            for start in range(0, max(len(text), 1), limit):
+                piece = text[start : start + limit]
+                write(piece)
+                fd[2] += len(piece)
+                while fd[2] >= limit:
+                    fd[2] -= limit
+                    stream.flush()
+                    credit()
+            return len(text)
+        bounded._cellbox = True
+        stream.write = bounded
+    def bound_both(*_):
+        bound(_s.stdout)
+        bound(_s.stderr)
+    bound_both()
+    get_ipython().events.register("pre_execute", bound_both)
+_cellbox_bound({path!r})
+del _cellbox_bound"""
+
+
+def kernel_argv(python: str) -> list[str]:
+    """How the agent starts an IPython kernel with `python`; it fills in the placeholders.
+
+    Completion uses IPython's own completer, which completes the live objects of the kernel's
+    namespace (what an editor bound to it wants); jedi's static analysis is slow to start and
+    returns nothing with some IPython and jedi versions.
+    """
+    return [
+        python,
+        "-m",
+        "ipykernel_launcher",
+        "-f",
+        "{connection_file}",
+        "--IPCompleter.use_jedi=False",
+        "--IPKernelApp.exec_lines="
+        + _BOUNDED_STREAMS.format(limit=CREDIT_CHARS, ahead=CREDITS_AHEAD, path="{credits}"),
+    ]
+
+
+class _Process:
+    """One launch of the kernel: its port, its key's session, and the tasks reading it."""
+
+    def __init__(self, port: KernelPort, session: Session, pid: int) -> None:
+        self.port = port
+        self.session = session
+        self.pid = pid
+        self.tasks: list[asyncio.Task[None]] = []
 
 
 class Kernel:
@@ -40,8 +127,7 @@ class Kernel:
         *,
         kernel_id: str,
         sandbox_id: str,
-        launch: KernelLaunch,
-        images_dir: Path,
+        runtime: SandboxRuntime,
         text_cap: int,
         interrupt_grace: float,
         start_timeout: float,
@@ -53,29 +139,26 @@ class Kernel:
         self.sandbox_id = sandbox_id
         self.name = name
         self.state: t.KernelState = "starting"
-        self._km: AsyncKernelManager = launch.manager
-        self._launch_kwargs = launch.kwargs
-        self._log_path = launch.log_path
-        self._credits_path = launch.credits
-        self._credits: int | None = None  # the FIFO's fd: the kernel waits on it to print more
-        self._uncredited = 0  # characters of output taken since the last credit
-        self._kc: AsyncKernelClient | None = None
-        self._images_dir = images_dir
+        self._runtime = runtime
         self._text_cap = text_cap
         self._grace = interrupt_grace
         self._start_timeout = start_timeout
         self._notify = notify
         self._drain = drain
+        self._process: _Process | None = None
+        self._ready = False  # the handshake is done: status messages are the kernel's state
+        self._iopub_seen = asyncio.Event()
+        self._uncredited = 0  # characters of output taken since the last credit
+        self._images = itertools.count(1)
         self._queue = asyncio.Lock()
         self._lifecycle = asyncio.Lock()  # one restart or shutdown at a time
         self._current: Execution | None = None
         self._current_msg_id: str | None = None
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}  # other shell requests
-        self._tasks: list[asyncio.Task[None]] = []
         self._restarting = False
         self._pending_restart: asyncio.Task[None] | None = None
         self.closed = False
-        self.exit_code: int | None = None
+        self.exit: Exit | None = None  # how the last process ended, while the kernel is dead
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -88,44 +171,91 @@ class Kernel:
 
     async def start(self) -> None:
         self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, "starting"))
-        if self._credits_path is not None:
-            # read-write, so that neither end's open waits for the other
-            self._credits = os.open(self._credits_path, os.O_RDWR | os.O_NONBLOCK)
-        await self._km.start_kernel(**self._launch_kwargs)
-        await self._connect()
+        await self._launch()
 
-    async def _connect(self) -> None:
-        kc = self._km.client()
-        kc.start_channels(hb=False)  # the monitor watches the process itself
+    async def _launch(self) -> None:
+        """Starts a process, and waits until it answers on shell and publishes on IOPub."""
+        from jupyter_client.session import Session  # with the first kernel: a faster start
+
+        key = secrets.token_hex(32)
         try:
-            await kc.wait_for_ready(timeout=self._start_timeout)
-        except BaseException as exc:
-            kc.stop_channels()
-            if not isinstance(exc, RuntimeError | TimeoutError):
-                raise
-            raise errors.KernelDied(
-                f"kernel {self.kernel_id} did not start: {exc}; its output:\n{self._log_tail()}",
-                {"kernelId": self.kernel_id},
-            ) from exc
-        self._kc = kc
-        self.exit_code = None
-        self._tasks = [
-            asyncio.create_task(self._read_iopub(kc), name=f"iopub-{self.kernel_id}"),
-            asyncio.create_task(self._read_shell(kc), name=f"shell-{self.kernel_id}"),
-            asyncio.create_task(self._monitor(), name=f"monitor-{self.kernel_id}"),
+            channel = await self._runtime.channel()
+            port, pid = await channel.start_kernel(
+                kernel_argv(self._runtime.python), key, self._runtime.env()
+            )
+        except ChannelClosed as exc:
+            raise self._died(f"the sandbox's agent is gone ({exc})") from None
+        process = self._process = _Process(port, Session(key=key.encode(), username="cellbox"), pid)
+        self._ready = False
+        self._iopub_seen.clear()
+        self._uncredited = 0
+        self.exit = None
+        process.tasks = [
+            asyncio.create_task(self._read(process), name=f"read-{self.kernel_id}"),
+            asyncio.create_task(self._monitor(process), name=f"monitor-{self.kernel_id}"),
         ]
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                await self._handshake(process)
+        except TimeoutError:
+            output = await port.output()
+            await self._stop_process(now=True)
+            raise self._died(
+                f"did not answer within {self._start_timeout:g} s; its output:\n{output}"
+            ) from None
+        except BaseException:
+            await self._stop_process(now=True)
+            raise
+        self._ready = True
         self._set_state("idle")
 
-    async def _disconnect(self) -> None:
-        for task in self._tasks:
+    async def _handshake(self, process: _Process) -> None:
+        """kernel_info requests until one is answered and IOPub has carried a message (the
+        subscription of a new connection takes a moment to reach the kernel)."""
+        wait = 0.2
+        while True:
+            reply = self._request(process, "kernel_info_request", {})
+            seen = asyncio.ensure_future(self._iopub_seen.wait())
+            try:
+                waits: list[asyncio.Future[Any]] = [reply, process.port.exited]
+                done, _ = await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if process.port.exited.done():
+                    exit = process.port.exited.result()
+                    raise self._died(f"ended as it started{_code(exit)}; its output:\n{exit.output}")
+                if reply in done:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(seen), wait)
+                    if self._iopub_seen.is_set():
+                        return
+            finally:
+                seen.cancel()
+                reply.cancel()
+            wait = min(wait * 2, 1.0)
+
+    def _died(self, why: str) -> errors.KernelDied:
+        return errors.KernelDied(f"kernel {self.kernel_id} {why}", {"kernelId": self.kernel_id})
+
+    async def _stop_process(self, now: bool) -> None:
+        """Ends the current process (asking it first unless `now`) and its tasks."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        port = process.port
+        if not now and not port.exited.done():
+            self._send(process, _CONTROL, "shutdown_request", {"restart": False})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(port.exited), _SHUTDOWN_WAIT)
+        if not port.exited.done():
+            with contextlib.suppress(ChannelClosed, Exception):
+                await port.signal(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(port.exited), _STOP_WAIT)
+        for task in process.tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in process.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._tasks = []
-        if self._kc is not None:
-            self._kc.stop_channels()
-            self._kc = None
+        port.close()
 
     async def shutdown(self, now: bool = False) -> None:
         """Stops the kernel process; an execution still running ends as `died`."""
@@ -136,21 +266,18 @@ class Kernel:
         if self._pending_restart is not None:
             self._pending_restart.cancel()
         async with self._lifecycle:
-            await self._disconnect()
-            try:
-                await self._km.shutdown_kernel(now=now)
-            except Exception:
-                log.exception("kernel %s: shutdown failed; killing it", self.kernel_id)
-                with contextlib.suppress(Exception):
-                    await self._km.shutdown_kernel(now=True)
-        if self._credits is not None:
-            os.close(self._credits)
-            self._credits = None
+            await self._stop_process(now)
         self._set_state("dead")
 
     async def interrupt(self) -> None:
         self._check_usable()
-        await self._km.interrupt_kernel()
+        await self._signal(signal.SIGINT)
+
+    async def _signal(self, signum: int) -> None:
+        process = self._process
+        if process is not None:
+            with contextlib.suppress(ChannelClosed):
+                await process.port.signal(signum)
 
     async def restart(self) -> None:
         """A fresh process with the same kernelId; works on a dead kernel too."""
@@ -163,21 +290,29 @@ class Kernel:
         try:
             self._set_state("restarting")
             self._end_current()
-            await self._disconnect()
-            try:
-                await self._km.restart_kernel(now=True)
-            except Exception:
-                # the process may be long gone; start anew with the same settings
-                log.info("kernel %s: restart failed, starting a new process", self.kernel_id)
-                with contextlib.suppress(Exception):
-                    await self._km.shutdown_kernel(now=True, restart=True)
-                await self._km.start_kernel(**self._launch_kwargs)
-            await self._connect()
+            await self._stop_process(now=True)
+            await self._launch()
         except BaseException:
             self._set_state("dead")
             raise
         finally:
             self._restarting = False
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send(self, process: _Process, channel: int, msg_type: str, content: dict[str, Any]) -> str:
+        msg = process.session.msg(msg_type, content)
+        process.port.send(channel, process.session.serialize(msg))
+        return str(msg["header"]["msg_id"])
+
+    def _request(
+        self, process: _Process, msg_type: str, content: dict[str, Any]
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Sends a shell request; its reply's content, when it comes."""
+        msg_id = self._send(process, _SHELL, msg_type, content)
+        waiter = self._replies[msg_id] = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(lambda _: self._replies.pop(msg_id, None))
+        return waiter
 
     # -- editor requests ---------------------------------------------------------------------
 
@@ -187,17 +322,17 @@ class Kernel:
         """A `complete_request` or `inspect_request`'s reply, or None when the kernel cannot
         answer: a kernel that runs an execution would answer only after it, and an editor must
         not wait for that."""
-        kc = self._kc
-        if kc is None or self.closed or self.state == "dead" or self._queue.locked():
+        process = self._process
+        if process is None or not self._ready or self.closed or self.state == "dead" or self._queue.locked():
             return None
-        msg_id = kc.complete(code, cursor_pos) if kind == "complete" else kc.inspect(code, cursor_pos)
-        waiter = self._replies[msg_id] = asyncio.get_running_loop().create_future()
+        content: dict[str, Any] = {"code": code, "cursor_pos": cursor_pos}
+        if kind == "inspect":
+            content["detail_level"] = 0
+        waiter = self._request(process, f"{kind}_request", content)
         try:
             return await asyncio.wait_for(waiter, within)
         except TimeoutError:
             return None
-        finally:
-            self._replies.pop(msg_id, None)
 
     # -- execution --------------------------------------------------------------------------
 
@@ -206,7 +341,7 @@ class Kernel:
         execution = Execution(
             execution_id=execution_id,
             kernel_id=self.kernel_id,
-            images_dir=self._images_dir,
+            save=self._save_image,
             text_cap=self._text_cap,
             notify=self._notify,
         )
@@ -223,8 +358,17 @@ class Kernel:
             ) from None
 
     async def _run(self, execution: Execution, params: t.ExecuteParams) -> t.ExecuteResult:
-        assert self._kc is not None
-        msg_id = self._kc.execute(params.code, store_history=True, allow_stdin=False, stop_on_error=False)
+        process = self._process
+        assert process is not None
+        content = {
+            "code": params.code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": False,
+        }
+        msg_id = self._send(process, _SHELL, "execute_request", content)
         self._current, self._current_msg_id = execution, msg_id
         try:
             try:
@@ -243,9 +387,9 @@ class Kernel:
 
     async def _stop(self, execution: Execution, status: t.ExecuteStatus, what: str) -> t.ExecuteResult:
         """Interrupts a running execution; restarts the kernel if it does not stop in time."""
-        if self.exit_code is None and self.state != "dead":
+        if self.exit is None and self.state != "dead":
             with contextlib.suppress(Exception):
-                await self._km.interrupt_kernel()
+                await self._signal(signal.SIGINT)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(execution.finished), self._grace)
         if execution.finished.done() and execution.reply_status is None:
@@ -260,13 +404,37 @@ class Kernel:
         traceback = execution.error.traceback if execution.error else []
         return execution.result(status, t.ErrorInfo(name, evalue, traceback))
 
+    async def _save_image(self, ext: str, payload: bytes) -> tuple[str, str | None] | None:
+        """Saves a display's image in the workspace's `images/` under a name of the kernel's (an
+        executionId is the client's tag, never part of a file name); its file and path."""
+        for _ in range(100):
+            file = f"images/{self.kernel_id}-{next(self._images)}.{ext}"
+            saved = await self._runtime_save(file, payload)
+            if saved is None:
+                return None
+            if saved:
+                workspace = self._runtime.workspace
+                return file, None if workspace is None else str(workspace / file)
+        return None
+
+    async def _runtime_save(self, file: str, payload: bytes) -> bool | None:
+        from cellboxd import files
+
+        try:
+            return await files.create(self._runtime, file, payload)
+        except errors.CellboxError as exc:
+            log.warning("kernel %s: cannot save an image as %s: %s", self.kernel_id, file, exc.message)
+            return None
+
     def _death_error(self) -> t.ErrorInfo:
         if self.closed:
             why = "the kernel was shut down"
         elif self._restarting:
             why = "the kernel was restarted"
+        elif self.exit is not None and self.exit.code is None:
+            why = f"the sandbox's agent went away ({self.exit.output}); restart the kernel to go on"
         else:
-            why = f"the kernel process ended{self._exit_text()}; restart it to go on"
+            why = f"the kernel process ended{_code(self.exit)}; restart it to go on"
         return t.ErrorInfo("KernelDied", why, [])
 
     def _end_current(self) -> None:
@@ -281,21 +449,11 @@ class Kernel:
 
     def _check_usable(self) -> None:
         self._check_open()
-        if self.state == "dead" or self._kc is None:
+        if self.state == "dead" or self._process is None:
+            why = f"kernel {self.kernel_id} is dead{_code(self.exit)}"
             raise errors.KernelDied(
-                f"kernel {self.kernel_id} is dead{self._exit_text()}; "
-                f"restart it with {methods.RESTART_KERNEL}",
-                {"kernelId": self.kernel_id},
+                f"{why}; restart it with {methods.RESTART_KERNEL}", {"kernelId": self.kernel_id}
             )
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def _exit_text(self) -> str:
-        return "" if self.exit_code is None else f" (exit code {self.exit_code})"
 
     # -- background tasks -------------------------------------------------------------------
 
@@ -304,63 +462,76 @@ class Kernel:
             self.state = state
             self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, state))
 
-    async def _read_iopub(self, kc: AsyncKernelClient) -> None:
-        reader = Reader(kc.iopub_channel.socket, kc.session.auth)
-        while True:
-            msg = await reader.next()
-            content = msg.content
-            if msg.msg_type == "status" and not self._restarting:
-                state = content.get("execution_state")
-                if state in ("busy", "idle"):
-                    self._set_state(state)
-            execution = self._current
-            if execution is not None and msg.parent_id == self._current_msg_id:
-                text = content.get("text")
-                if msg.msg_type == "stream" and isinstance(text, str) and len(text) > _CHUNK:
-                    # a huge output goes out in pieces, each only once the client took the last
-                    for start in range(0, len(text), _CHUNK):
-                        execution.on_iopub(msg.msg_type, {**content, "text": text[start : start + _CHUNK]})
-                        await self._drain()
-                else:
-                    execution.on_iopub(msg.msg_type, content)
-            # a client that reads slowly slows the reading of the kernel's output, and the
-            # daemon holds no more than the writer's high-water mark
-            await self._drain()
-            if msg.msg_type == "stream":
-                self._credit(content.get("text"))
+    async def _read(self, process: _Process) -> None:
+        auth = process.session.auth
+        while (item := await process.port.get()) is not None:
+            channel, frames = item
+            try:
+                msg = decode(frames, auth)
+            except ValueError as exc:  # msgspec.DecodeError is one
+                log.warning("kernel %s: ignored a message: %s", self.kernel_id, exc)
+                continue
+            if channel == _IOPUB:
+                await self._on_iopub(process, msg)
+            elif channel == _SHELL:
+                self._on_shell(msg)
 
-    def _credit(self, text: object) -> None:
+    async def _on_iopub(self, process: _Process, msg: Message) -> None:
+        self._iopub_seen.set()
+        content = msg.content
+        if msg.msg_type == "status" and self._ready and not self._restarting:
+            state = content.get("execution_state")
+            if state in ("busy", "idle"):
+                self._set_state(state)
+        execution = self._current
+        if execution is not None and msg.parent_id == self._current_msg_id:
+            text = content.get("text")
+            if msg.msg_type == "stream" and isinstance(text, str) and len(text) > _CHUNK:
+                # a huge output goes out in pieces, each only once the client took the last
+                for start in range(0, len(text), _CHUNK):
+                    execution.on_iopub(msg.msg_type, {**content, "text": text[start : start + _CHUNK]})
+                    await self._drain()
+            elif msg.msg_type in ("execute_result", "display_data"):
+                await execution.on_output(msg.msg_type, content)
+            else:
+                execution.on_iopub(msg.msg_type, content)
+        # a client that reads slowly slows the reading of the kernel's output, and the
+        # daemon holds no more than the writer's high-water mark
+        await self._drain()
+        if msg.msg_type == "stream":
+            self._credit(process, content.get("text"))
+
+    def _credit(self, process: _Process, text: object) -> None:
         """Lets the kernel print another MiB for each MiB of its output the client has taken."""
-        if not isinstance(text, str) or self._credits is None:
+        if not isinstance(text, str):
             return
         self._uncredited += len(text)
-        while self._uncredited >= CREDIT_CHARS:
-            self._uncredited -= CREDIT_CHARS
-            with contextlib.suppress(BlockingIOError):  # 64 Ki credits unused: it has enough
-                os.write(self._credits, b"\0")
+        if self._uncredited >= CREDIT_CHARS:
+            count, self._uncredited = divmod(self._uncredited, CREDIT_CHARS)
+            process.port.credit(count)
 
-    async def _read_shell(self, kc: AsyncKernelClient) -> None:
-        reader = Reader(kc.shell_channel.socket, kc.session.auth)
-        while True:
-            msg = await reader.next()
-            execution = self._current
-            if execution is not None and msg.parent_id == self._current_msg_id:
-                execution.on_reply(msg.content)
-            elif (waiter := self._replies.pop(msg.parent_id or "", None)) is not None and not waiter.done():
-                waiter.set_result(msg.content)
+    def _on_shell(self, msg: Message) -> None:
+        execution = self._current
+        if execution is not None and msg.parent_id == self._current_msg_id:
+            execution.on_reply(msg.content)
+        elif (waiter := self._replies.get(msg.parent_id or "")) is not None and not waiter.done():
+            waiter.set_result(msg.content)
 
-    async def _monitor(self) -> None:
-        """Notices a kernel process that is gone, and ends the execution waiting on it."""
-        provisioner = self._km.provisioner
-        if provisioner is None:
+    async def _monitor(self, process: _Process) -> None:
+        """Notices a kernel process that is gone, and ends the execution waiting on it once what
+        the process sent before it ended has been read."""
+        exit = await asyncio.shield(process.port.exited)
+        await asyncio.wait(process.tasks[:1])
+        if self._restarting or self.closed or process is not self._process or not self._ready:
             return
-        code = await process_exit(provisioner)
-        if self._restarting or self.closed:
-            return
-        self.exit_code = code
-        log.warning("kernel %s died%s", self.kernel_id, self._exit_text())
+        self.exit = exit
+        log.warning("kernel %s died%s", self.kernel_id, _code(exit))
         self._set_state("dead")
         self._end_current()
+
+
+def _code(exit: Exit | None) -> str:
+    return "" if exit is None or exit.code is None else f" (exit code {exit.code})"
 
 
 def _builtins(result: t.ExecuteResult) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 from lsprotocol import types as lsp
 from pygls.exceptions import JsonRpcException
 
+from cellboxd import config
 from cellboxd.config import Settings
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -73,9 +74,9 @@ def setup(settings: Settings) -> None:
     _stderr.setFormatter(logging.Formatter(_FORMAT))
     root.addHandler(_stderr)
     try:
-        settings.log_path.mkdir(parents=True, exist_ok=True)
+        config.log_path(settings).mkdir(parents=True, exist_ok=True)
         file = logging.handlers.RotatingFileHandler(
-            settings.log_path / "cellboxd.log", maxBytes=5_000_000, backupCount=3, encoding="utf-8"
+            config.log_path(settings) / "cellboxd.log", maxBytes=5_000_000, backupCount=3, encoding="utf-8"
         )
     except OSError as exc:
         logging.getLogger(__name__).warning("no log file: %s", exc)

@@ -1,7 +1,9 @@
 """Installing packages into a running sandbox with pip (or uv, where it is on PATH).
 
-Packages go into the sandbox's own environment, whose site-packages is already on the
-kernels' `sys.path`, so a running kernel imports them at once without a restart.
+Packages go into the sandbox's own environment (a docker sandbox's writable prefix, which
+`PIP_PREFIX` names), whose site-packages is already on the kernels' `sys.path`, so a running
+kernel imports them at once without a restart. The installer runs in the sandbox, through its
+agent.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from cellbox import errors
 from cellbox import types as t
 from cellboxd.backends.base import OnLine, SandboxRuntime
 
-# Runs in the sandbox's interpreter: the distributions of its own environment, as JSON.
+# Runs in the sandbox's interpreter: the distributions it sees, the first of each name (the
+# one it imports), as JSON.
 _LIST = r"""
-import importlib.metadata, json, sys, sysconfig
-paths = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
-dists = importlib.metadata.distributions(path=paths)
-found = {d.metadata["Name"]: d.version for d in dists if d.metadata["Name"]}
+import importlib.metadata, json, sys
+found = {}
+for dist in importlib.metadata.distributions():
+    found.setdefault(dist.metadata["Name"], dist.version)
+found.pop(None, None)
 sys.stdout.write(json.dumps(found))
 """
 

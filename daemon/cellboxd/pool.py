@@ -15,13 +15,13 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from cellbox import types as t
+from cellboxd.backends.base import Key
 
 log = logging.getLogger(__name__)
 
 _RETRY_FIRST = 1.0  # seconds before making a pooled sandbox again after a failure, doubling
 _RETRY_MAX = 60.0
 
-Key = tuple[t.Backend, str | None]
 S = TypeVar("S")
 
 

@@ -1,11 +1,10 @@
-"""The daemon's sandboxes and their kernels: creation, lookup and teardown."""
+"""The daemon's sandboxes and their kernels: creation, lookup and teardown, on any backend."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime
-import functools
 import logging
 import secrets
 import shutil
@@ -15,21 +14,21 @@ from pathlib import Path
 from cellbox import errors
 from cellbox import types as t
 from cellboxd import inventory
-from cellboxd.backends.base import OnLine, SandboxRuntime
-from cellboxd.backends.local import LocalSandbox
-from cellboxd.config import Settings
-from cellboxd.engine import DEFAULT_VARIANT, DockerEngine
+from cellboxd.backends.base import Backend, Key, OnLine, SandboxRuntime
+from cellboxd.channel import ChannelClosed
+from cellboxd.config import Resolved
 from cellboxd.execution import Notify
 from cellboxd.kernels import Kernel
-from cellboxd.pool import Key, WarmPool
+from cellboxd.pool import WarmPool
 
 log = logging.getLogger(__name__)
 
 
 class Sandbox:
-    def __init__(self, info: t.SandboxInfo, runtime: SandboxRuntime) -> None:
+    def __init__(self, info: t.SandboxInfo, runtime: SandboxRuntime, root: Path) -> None:
         self.info = info
         self.runtime = runtime
+        self.root = root  # the daemon's folder of the sandbox, whose owner file marks it as ours
         self.kernels: dict[str, Kernel] = {}
         self.spare: Kernel | None = None  # a pooled sandbox's kernel, for its first startKernel
         # serializes package installs: two pips in one environment at once corrupt it
@@ -47,38 +46,40 @@ class Sandbox:
 class SandboxManager:
     def __init__(
         self,
-        settings: Callable[[], Settings],
+        resolved: Resolved,
+        backends: dict[t.Backend, Backend],
         notify: Notify,
         drain: Callable[[], Awaitable[None]],
-        docker: DockerEngine,
     ) -> None:
-        self._settings = settings
+        self._resolved = resolved
+        self._settings = resolved.settings
+        self._backends = backends
         self._drain = drain
-        self.docker = docker
         self._notify = notify
         self._sandboxes: dict[str, Sandbox] = {}
         self._kernels: dict[str, Kernel] = {}
         self._sweeping: asyncio.Task[None] | None = None
         self.pool: WarmPool[Sandbox] = WarmPool(self._make_pooled, self._discard, _spare_alive)
 
-    @property
-    def _root(self) -> Path:
-        return self._settings().sandboxes_path
-
     def backends(self) -> list[t.Backend]:
-        return ["local", "docker"] if self.docker.reachable() else ["local"]
+        return [name for name, backend in self._backends.items() if backend.available()]
+
+    def _backend(self, name: t.Backend | None) -> Backend:
+        return self._backends[name or self._settings.default_backend]
 
     # -- sandboxes --------------------------------------------------------------------------
 
     def sweep_orphans(self) -> None:
         """Removes, in the background, what daemons that were killed left behind: their sandbox
-        folders and, when docker ones are among them, their containers (only then is the
-        docker SDK loaded)."""
+        folders and, through their backends, the rest (only then is a backend's SDK loaded)."""
 
         async def sweep() -> None:
-            removed = await asyncio.to_thread(inventory.remove_orphan_folders, self._root)
-            if "docker" in removed.values():
-                await self.docker.sweep_orphans()
+            removed = await asyncio.to_thread(
+                inventory.remove_orphan_folders, self._resolved.sandboxes_path, self._resolved.runtime_path
+            )
+            for backend in self._backends.values():
+                if backend.name in removed.values():
+                    await backend.remove_orphans()
 
         def done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -88,16 +89,12 @@ class SandboxManager:
         self._sweeping.add_done_callback(done)
 
     def configure_pool(self, specs: list[t.PoolSpec]) -> None:
-        self.pool.configure({_pool_key(spec.backend, spec.image): spec.size for spec in specs})
+        self.pool.configure({self._backend(spec.backend).pool_key(spec.image): spec.size for spec in specs})
 
     async def create(self, params: t.CreateSandboxParams, on_line: OnLine) -> Sandbox:
-        backend = params.backend or self._settings().default_backend
-        if backend == "local" and (params.image or params.mounts or params.limits or params.network):
-            raise errors.InvalidParams(
-                "Invalid params: `image`, `mounts`, `limits` and `network` need the docker backend; "
-                "the local backend isolates nothing"
-            )
-        sandbox = self.pool.take(_pool_key(backend, params.image)) if _poolable(params) else None
+        backend = self._backend(params.backend)
+        backend.validate(params)
+        sandbox = self.pool.take(backend.pool_key(params.image)) if _poolable(params) else None
         if sandbox is not None:
             sandbox.info.created_at = _now()
             on_line("taken from the warm pool")
@@ -105,48 +102,41 @@ class SandboxManager:
             sandbox = await self._make(backend, params, on_line)
         sandbox.info.name = params.name
         self._sandboxes[sandbox.sandbox_id] = sandbox
-        log.info("%s sandbox %s created in %s", backend, sandbox.sandbox_id, sandbox.runtime.workspace.parent)
+        log.info("%s sandbox %s created", backend.name, sandbox.sandbox_id)
         return sandbox
 
-    async def _make(self, backend: t.Backend, params: t.CreateSandboxParams, on_line: OnLine) -> Sandbox:
+    async def _make(self, backend: Backend, params: t.CreateSandboxParams, on_line: OnLine) -> Sandbox:
+        """A new sandbox with its agent started."""
         if self._sweeping is not None:  # so that a killed daemon's sandboxes never outlive ours
             await asyncio.wait([self._sweeping])
         sandbox_id = "sb-" + secrets.token_hex(6)
-        root = self._root / sandbox_id
+        root = self._resolved.sandboxes_path / sandbox_id
         root.mkdir(parents=True)
-        inventory.claim(root, backend)
-        create: Callable[[], SandboxRuntime]
-        image: str | None = None
+        inventory.claim(root, backend.name)
         try:
-            if backend == "docker":
-                from cellboxd.backends.docker import DockerSandbox  # the docker SDK, when needed
-
-                client = await self.docker.client()
-                image = await self.docker.resolve_image(params.image, on_line)
-                create = functools.partial(
-                    DockerSandbox.create,
-                    client,
-                    root=root,
-                    sandbox_id=sandbox_id,
-                    daemon_id=self.docker.daemon_id,
-                    image=image,
-                    params=params,
-                    sockets=self._settings().runtime_path / sandbox_id,
-                )
-            else:
-                sockets = self._settings().runtime_path / sandbox_id
-                create = functools.partial(LocalSandbox.create, root, params.env, sockets)
-            runtime = await _in_thread(create)
+            runtime = await backend.create(sandbox_id, root, params, on_line)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
-        info = t.SandboxInfo(sandbox_id, backend, kernels=[], created_at=_now(), image=image)
-        return Sandbox(info, runtime)
+        try:
+            await runtime.channel()
+        except BaseException as exc:
+            await asyncio.shield(runtime.close())
+            shutil.rmtree(root, ignore_errors=True)
+            if isinstance(exc, ChannelClosed):
+                raise errors.BackendUnavailable(
+                    f"the sandbox's agent did not start: {exc}", {"backend": backend.name}
+                ) from None
+            raise
+        info = t.SandboxInfo(sandbox_id, backend.name, kernels=[], created_at=_now(), image=runtime.image)
+        return Sandbox(info, runtime, root)
 
     async def _make_pooled(self, key: Key) -> Sandbox:
         """A sandbox for the warm pool, with its spare kernel started; its kernel says nothing."""
-        backend, image = key
-        sandbox = await self._make(backend, t.CreateSandboxParams(backend=backend, image=image), log.debug)
+        name, image = key
+        backend = self._backends[name]
+        params = t.CreateSandboxParams(backend=backend.name, image=image)
+        sandbox = await self._make(backend, params, log.debug)
 
         def watch(method: str, params: object) -> None:
             """Nobody hears a pooled kernel; its death makes the pool replace it."""
@@ -166,6 +156,7 @@ class SandboxManager:
         sandbox.spare = None
         await asyncio.gather(*(self._drop_kernel(k, now) for k in kernels))
         await sandbox.runtime.close()
+        await asyncio.to_thread(shutil.rmtree, sandbox.root, ignore_errors=True)
 
     def get(self, sandbox_id: str) -> Sandbox:
         try:
@@ -212,13 +203,12 @@ class SandboxManager:
     async def _start(self, sandbox: Sandbox, name: str | None, notify: Notify, register: bool) -> Kernel:
         """A started kernel; registered before it starts (so that destroying its sandbox stops
         it), unless it is a pooled one, which is nobody's yet."""
-        settings = self._settings()
+        settings = self._settings
         kernel_id = "k-" + secrets.token_hex(6)
         kernel = Kernel(
             kernel_id=kernel_id,
             sandbox_id=sandbox.sandbox_id,
-            launch=sandbox.runtime.kernel_launch(kernel_id),
-            images_dir=sandbox.runtime.workspace / "images",
+            runtime=sandbox.runtime,
             text_cap=settings.text_cap,
             interrupt_grace=settings.interrupt_grace,
             start_timeout=settings.kernel_start_timeout,
@@ -251,7 +241,6 @@ class SandboxManager:
             await kernel.shutdown(now=now)
         if sandbox is not None:
             sandbox.kernels.pop(kernel.kernel_id, None)
-            sandbox.runtime.release_kernel(kernel.kernel_id)
 
 
 def _now() -> str:
@@ -266,23 +255,9 @@ def _spare_alive(sandbox: Sandbox) -> bool:
     return sandbox.spare is not None and _alive(sandbox.spare)
 
 
-def _pool_key(backend: t.Backend, image: str | None) -> Key:
-    return (backend, image or DEFAULT_VARIANT) if backend == "docker" else (backend, None)
-
-
 def _poolable(params: t.CreateSandboxParams) -> bool:
     """Whether a pooled sandbox is what the request asks for: nothing it sets is made at creation."""
-    return not (params.env or params.mounts or params.limits) and params.network in (None, "bridge")
-
-
-async def _in_thread(create: Callable[[], SandboxRuntime]) -> SandboxRuntime:
-    """Runs a backend's blocking `create` in a thread. When the caller is cancelled (the client
-    cancelled, the daemon is leaving) the thread still runs to its end, and what it made, a
-    container say, is closed then rather than left behind."""
-    creating = asyncio.ensure_future(asyncio.to_thread(create))
-    try:
-        return await asyncio.shield(creating)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await (await creating).close()
-        raise
+    return not (params.env or params.mounts or params.limits or params.runtime) and params.network in (
+        None,
+        "bridge",
+    )

@@ -19,9 +19,9 @@ from pygls.workspace import TextDocument
 
 from cellbox import __version__, errors, methods
 from cellbox import types as t
-from cellboxd import documents, logs, packages, skills
+from cellboxd import backends, config, documents, files, logs, packages, skills
+from cellboxd.backends.docker import DockerBackend
 from cellboxd.config import Settings
-from cellboxd.engine import DockerEngine
 from cellboxd.kernels import Kernel
 from cellboxd.progress import WorkDone
 from cellboxd.sandboxes import SandboxManager
@@ -37,18 +37,19 @@ class CellboxServer(LanguageServer):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__("cellbox", __version__, protocol_cls=CellboxProtocol)
-        self.settings = settings
-        self.docker = DockerEngine(daemon_id=uuid.uuid4().hex)
-        self.sandboxes = SandboxManager(
-            lambda: self.settings, self.protocol.send_notification, self._drain, self.docker
-        )
+        self.settings = settings  # what the command line said; `initialize` may add to it
+        self._daemon_id = uuid.uuid4().hex
+        # made by `initialize`, once every setting is known (no request comes before it)
+        self._sandboxes: SandboxManager | None = None
+        self._docker: DockerBackend | None = None
         self.protocol.on_initialize = self._on_initialize
 
         self._shutting_down: asyncio.Task[Any] | None = None
 
         async def on_shutdown(*_: Any) -> None:
             self._shutting_down = asyncio.current_task()
-            await self.sandboxes.close_all()
+            if self._sandboxes is not None:
+                await self._sandboxes.close_all()
 
         self.feature(lsp.SHUTDOWN)(on_shutdown)
         self._client_log: logs.ClientLogHandler | None = None
@@ -66,6 +67,10 @@ class CellboxServer(LanguageServer):
             methods.BUILD_IMAGE: self.build_image,
             methods.LIST_IMAGES: self.list_images,
             methods.BIND_DOCUMENT: self.bind_document,
+            methods.WRITE_FILE: self.write_file,
+            methods.READ_FILE: self.read_file,
+            methods.LIST_FILES: self.list_files,
+            methods.DELETE_FILE: self.delete_file,
         }
         for method, handler in handlers.items():
             self.feature(method)(_wire(method, handler))
@@ -97,15 +102,37 @@ class CellboxServer(LanguageServer):
             )
         if options.log_level is not None:
             logs.set_level(options.log_level)
+        try:
+            resolved = config.resolve(self.settings)
+        except config.ConfigError as exc:
+            raise JsonRpcException(str(exc), errors.ErrorCode.INVALID_PARAMS) from None
+        made = backends.make(resolved, self._daemon_id)
+        docker = made["docker"]
+        assert isinstance(docker, DockerBackend)
+        self._docker = docker
+        self._sandboxes = SandboxManager(resolved, made, self.protocol.send_notification, self._drain)
         self._client_log = logs.attach_client(self.protocol.send_notification, self.settings.log_level)
         capabilities = t.CellboxCapabilities(
             protocol_version=t.PROTOCOL_VERSION,
-            backends=self.sandboxes.backends(),
+            backends=self._sandboxes.backends(),
             default_backend=self.settings.default_backend,
+            file_cap=self.settings.file_cap,
         )
         result.capabilities.experimental = {"cellbox": msgspec.to_builtins(capabilities)}
-        self.sandboxes.configure_pool(self.settings.pool)
+        # sandboxes of daemons that were killed go as soon as the next one knows its data dir
+        self._sandboxes.sweep_orphans()
+        self._sandboxes.configure_pool(self.settings.pool)
         log.info("initialized by %s", params.client_info.name if params.client_info else "a client")
+
+    @property
+    def sandboxes(self) -> SandboxManager:
+        assert self._sandboxes is not None, "no request is served before initialize"
+        return self._sandboxes
+
+    @property
+    def docker(self) -> DockerBackend:
+        assert self._docker is not None, "no request is served before initialize"
+        return self._docker
 
     async def _drain(self) -> None:
         if isinstance(writer := self.protocol.writer, Writer):
@@ -117,8 +144,6 @@ class CellboxServer(LanguageServer):
         stop = asyncio.Event()
         writer = await Writer.open(out_fd, on_lost=stop.set)
         self.protocol.set_writer(writer)
-        # sandboxes of daemons that were killed go as soon as the next one starts
-        self.sandboxes.sweep_orphans()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         waits = [
@@ -143,8 +168,10 @@ class CellboxServer(LanguageServer):
             logging.getLogger().removeHandler(self._client_log)
         for future in list(self.protocol._request_futures.values()):
             future.cancel()
+        if self._sandboxes is None:
+            return
         try:
-            await asyncio.wait_for(self.sandboxes.close_all(), _TEARDOWN_SECONDS)
+            await asyncio.wait_for(self._sandboxes.close_all(), _TEARDOWN_SECONDS)
         except TimeoutError:
             log.error("teardown took longer than %s s", _TEARDOWN_SECONDS)
 
@@ -154,10 +181,12 @@ class CellboxServer(LanguageServer):
         with WorkDone(self.work_done_progress, params.work_done_token, "Creating sandbox") as progress:
             sandbox = await self.sandboxes.create(params, progress.report)
             progress.report(f"sandbox {sandbox.sandbox_id} ready")
+        workspace = sandbox.runtime.workspace
         return t.CreateSandboxResult(
             sandbox_id=sandbox.sandbox_id,
             backend=sandbox.info.backend,
-            workspace=str(sandbox.runtime.workspace),
+            sandbox_workspace=sandbox.runtime.sandbox_workspace,
+            workspace=None if workspace is None else str(workspace),
             image=sandbox.info.image,
         )
 
@@ -223,17 +252,27 @@ class CellboxServer(LanguageServer):
         return kernel, self.workspace.get_text_document(uri)
 
     async def build_image(self, params: t.BuildImageParams) -> t.BuildImageResult:
-        from cellboxd import images  # with the docker SDK and poetry-core: only when used
-
-        client = await self.docker.client()
         with WorkDone(self.work_done_progress, params.work_done_token, "Building image") as progress:
-            return await images.build_image(client, params, on_line=progress.report)
+            return await self.docker.build_image(params, progress.report)
 
     async def list_images(self, params: t.ListImagesParams) -> t.ListImagesResult:
-        from cellboxd import images
+        return t.ListImagesResult(await self.docker.list_images())
 
-        client = await self.docker.client()
-        return t.ListImagesResult(await asyncio.to_thread(images.list_images, client))
+    # -- files ------------------------------------------------------------------------------
+
+    async def write_file(self, params: t.WriteFileParams) -> t.WriteFileResult:
+        runtime = self.sandboxes.get(params.sandbox_id).runtime
+        return await files.write(runtime, params, self.settings.file_cap)
+
+    async def read_file(self, params: t.ReadFileParams) -> t.ReadFileResult:
+        runtime = self.sandboxes.get(params.sandbox_id).runtime
+        return await files.read(runtime, params, self.settings.file_cap)
+
+    async def list_files(self, params: t.ListFilesParams) -> t.ListFilesResult:
+        return await files.list_files(self.sandboxes.get(params.sandbox_id).runtime, params)
+
+    async def delete_file(self, params: t.DeleteFileParams) -> None:
+        await files.delete(self.sandboxes.get(params.sandbox_id).runtime, params)
 
 
 def _wire(method: str, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:

@@ -13,11 +13,13 @@ import itertools
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Literal, Self, TypeVar
 
@@ -25,7 +27,7 @@ import msgspec
 
 from cellbox import methods
 from cellbox import types as t
-from cellbox.errors import CellboxError, RequestCancelled, TransportError, error_from_response
+from cellbox.errors import CellboxError, InvalidParams, RequestCancelled, TransportError, error_from_response
 
 __all__ = [
     "AsyncClient",
@@ -50,6 +52,7 @@ ProgressCallback = Callable[[str], None]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 _SHUTDOWN_TIMEOUT: Final = 30.0  # seconds for `shutdown` to stop every kernel and sandbox
+_FILE_PIECE: Final = 8 << 20  # bytes per readFile or writeFile, unless the daemon says less
 _EXIT_TIMEOUT: Final = 5.0  # seconds for the daemon to exit after `exit` before it is killed
 _STREAM_LIMIT: Final = 1 << 20  # longest header line the reader accepts
 
@@ -132,6 +135,26 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
                 length = int(value)
             except ValueError:
                 raise TransportError(f"the daemon sent a bad Content-Length: {value!r}") from None
+
+
+def _local_files(root: Path) -> list[tuple[tuple[str, ...], int]]:
+    """The files to upload from `root` (a file, or a folder's regular files, symlinks not
+    followed): each one's path under `root` as parts (empty for `root` itself) and its mode."""
+    if not root.is_dir():
+        return [((), stat.S_IMODE(root.stat().st_mode))]
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(folder, name)
+            if not path.is_symlink() and path.is_file():
+                found.append((path.relative_to(root).parts, stat.S_IMODE(path.stat().st_mode)))
+    return found
+
+
+def _write_local(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
 
 
 def _strings(items: str | Iterable[str]) -> list[str]:
@@ -274,6 +297,9 @@ class AsyncClient:
     def capabilities(self) -> t.CellboxCapabilities:
         """`capabilities.experimental.cellbox`: protocol version, backends, default backend."""
         return self._initialized().capabilities.experimental.cellbox
+
+    def _file_piece(self) -> int:
+        return min(self.capabilities.file_cap or _FILE_PIECE, _FILE_PIECE)
 
     def _initialized(self) -> _InitializeResult:
         if self._init is None:
@@ -535,9 +561,15 @@ class AsyncSandbox:
         return self.info.backend
 
     @property
-    def workspace(self) -> str:
-        """The workspace folder: a host path on the local backend, a container path on docker."""
+    def workspace(self) -> str | None:
+        """The workspace's folder on this machine, where this machine can see it (the local
+        backend); None where it cannot (docker). Use the file methods for either."""
         return self.info.workspace
+
+    @property
+    def sandbox_workspace(self) -> str:
+        """The workspace as the sandbox's kernels see it: their working directory."""
+        return self.info.sandbox_workspace
 
     async def start_kernel(self, name: str | None = None) -> AsyncKernel:
         result: t.StartKernelResult = await self.client.request(
@@ -572,6 +604,99 @@ class AsyncSandbox:
             t.GetSkillSourcesParams(sandbox_id=self.sandbox_id, modules=_strings(modules)),
         )
         return result
+
+    # --- files ---------------------------------------------------------------------------
+
+    async def write_file(
+        self, path: str, content: bytes | str, *, append: bool = False, mode: int | None = None
+    ) -> int:
+        """Write `content` (str is UTF-8) to `path`, relative to the workspace, making missing
+        folders; in pieces when it is larger than the daemon takes at once. `mode` is the
+        file's permission bits (e.g. 0o755). Returns the file's size."""
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        piece = self.client._file_piece()
+        size = 0
+        for start in range(0, max(len(data), 1), piece):
+            result: t.WriteFileResult = await self.client.request(
+                methods.WRITE_FILE,
+                t.WriteFileParams(
+                    sandbox_id=self.sandbox_id,
+                    path=path,
+                    content=data[start : start + piece],
+                    append=append or start > 0,
+                    mode=mode if start == 0 else None,
+                ),
+            )
+            size = result.size
+        return size
+
+    async def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        """The content of `path` (from `offset`, at most `length` bytes; all of it by default),
+        read in as many pieces as the daemon's cap asks. FileNotFound when it is not there."""
+        chunks: list[bytes] = []
+        read = 0
+        while length is None or read < length:
+            result: t.ReadFileResult = await self.client.request(
+                methods.READ_FILE,
+                t.ReadFileParams(
+                    sandbox_id=self.sandbox_id,
+                    path=path,
+                    offset=offset + read,
+                    length=None if length is None else length - read,
+                ),
+            )
+            chunks.append(result.content)
+            read += len(result.content)
+            if result.eof or not result.content:
+                break
+        return b"".join(chunks)
+
+    async def list_files(self, path: str = ".", *, recursive: bool = False) -> list[t.FileEntry]:
+        """The entries of a folder of the workspace (its whole tree with `recursive`)."""
+        result: t.ListFilesResult = await self.client.request(
+            methods.LIST_FILES, t.ListFilesParams(sandbox_id=self.sandbox_id, path=path, recursive=recursive)
+        )
+        return result.entries
+
+    async def delete_file(self, path: str, *, recursive: bool = False) -> None:
+        """Delete a file, a symlink or (with `recursive`) a folder of the workspace."""
+        await self.client.request(
+            methods.DELETE_FILE,
+            t.DeleteFileParams(sandbox_id=self.sandbox_id, path=path, recursive=recursive),
+        )
+
+    async def upload(self, source: str | os.PathLike[str], target: str = ".") -> None:
+        """Copy a file or a folder of this machine to `target` in the workspace (a folder's
+        files go under `target`, keeping their permission bits; symlinks are not followed)."""
+        root = Path(source)
+        for relative, mode in await asyncio.to_thread(_local_files, root):
+            local = root.joinpath(*relative)
+            content = await asyncio.to_thread(local.read_bytes)
+            await self.write_file("/".join((target, *relative)), content, mode=mode)
+
+    async def download(self, source: str, target: str | os.PathLike[str]) -> None:
+        """Copy a file or a folder of the workspace to `target` on this machine. Only files and
+        folders are made, inside `target`: symlinks in the sandbox are left out, and so is any
+        entry that would land outside `target`."""
+        destination = Path(target)
+        try:
+            entries = await self.list_files(source, recursive=True)
+        except InvalidParams:  # not a folder
+            await asyncio.to_thread(destination.write_bytes, await self.read_file(source))
+            return
+        prefix = [part for part in source.split("/") if part not in ("", ".")]
+        await asyncio.to_thread(destination.mkdir, parents=True, exist_ok=True)
+        for entry in entries:
+            parts = entry.path.split("/")
+            relative = parts[len(prefix) :]
+            if parts[: len(prefix)] != prefix or not relative or any(p in ("", ".", "..") for p in relative):
+                continue
+            local = destination.joinpath(*relative)
+            if entry.kind == "dir":
+                await asyncio.to_thread(local.mkdir, parents=True, exist_ok=True)
+            elif entry.kind == "file":
+                content = await self.read_file(entry.path)
+                await asyncio.to_thread(_write_local, local, content)
 
     async def destroy(self) -> None:
         """Destroy the sandbox and its kernels; a second call does nothing."""
@@ -901,8 +1026,32 @@ class Sandbox:
         return self._async.backend
 
     @property
-    def workspace(self) -> str:
+    def workspace(self) -> str | None:
         return self._async.workspace
+
+    @property
+    def sandbox_workspace(self) -> str:
+        return self._async.sandbox_workspace
+
+    def write_file(
+        self, path: str, content: bytes | str, *, append: bool = False, mode: int | None = None
+    ) -> int:
+        return self.client._call(self._async.write_file(path, content, append=append, mode=mode))
+
+    def read_file(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        return self.client._call(self._async.read_file(path, offset=offset, length=length))
+
+    def list_files(self, path: str = ".", *, recursive: bool = False) -> list[t.FileEntry]:
+        return self.client._call(self._async.list_files(path, recursive=recursive))
+
+    def delete_file(self, path: str, *, recursive: bool = False) -> None:
+        self.client._call(self._async.delete_file(path, recursive=recursive))
+
+    def upload(self, source: str | os.PathLike[str], target: str = ".") -> None:
+        self.client._call(self._async.upload(source, target))
+
+    def download(self, source: str, target: str | os.PathLike[str]) -> None:
+        self.client._call(self._async.download(source, target))
 
     def start_kernel(self, name: str | None = None) -> Kernel:
         return Kernel(self.client, self.client._call(self._async.start_kernel(name)))

@@ -18,6 +18,7 @@ class ErrorCode(IntEnum):
     INTERNAL_ERROR = -32603
     SERVER_NOT_INITIALIZED = -32002
     REQUEST_CANCELLED = -32800
+    REQUEST_FAILED = -32803
     SANDBOX_NOT_FOUND = 1001
     KERNEL_NOT_FOUND = 1002
     BACKEND_UNAVAILABLE = 1003
@@ -27,6 +28,7 @@ class ErrorCode(IntEnum):
     KERNEL_DIED = 1007
     BUILD_FAILED = 1008
     INVALID_DEPENDENCIES = 1009
+    FILE_NOT_FOUND = 1010
 
 
 class CellboxError(Exception):
@@ -81,6 +83,13 @@ class RequestCancelled(ProtocolError):
     code = ErrorCode.REQUEST_CANCELLED
 
 
+class RequestFailed(ProtocolError):
+    """LSP's RequestFailed: the request was valid, but the sandbox's system refused it (no
+    room left, a read-only file, a sandbox whose container is gone)."""
+
+    code = ErrorCode.REQUEST_FAILED
+
+
 # --- cellbox's application errors --------------------------------------------------------
 
 
@@ -128,6 +137,12 @@ class InvalidDependencies(CellboxError):
     code = ErrorCode.INVALID_DEPENDENCIES
 
 
+class FileNotFound(CellboxError):
+    """`data["path"]` names the missing file or folder."""
+
+    code = ErrorCode.FILE_NOT_FOUND
+
+
 _BY_CODE: dict[int, type[CellboxError]] = {
     cls.code: cls
     for cls in (
@@ -138,6 +153,7 @@ _BY_CODE: dict[int, type[CellboxError]] = {
         InternalError,
         ServerNotInitialized,
         RequestCancelled,
+        RequestFailed,
         SandboxNotFound,
         KernelNotFound,
         BackendUnavailable,
@@ -147,6 +163,7 @@ _BY_CODE: dict[int, type[CellboxError]] = {
         KernelDied,
         BuildFailed,
         InvalidDependencies,
+        FileNotFound,
     )
 }
 

@@ -19,6 +19,10 @@ GET_SKILL_SOURCES: Final = "cellbox/getSkillSources"
 BUILD_IMAGE: Final = "cellbox/buildImage"
 LIST_IMAGES: Final = "cellbox/listImages"
 BIND_DOCUMENT: Final = "cellbox/bindDocument"
+WRITE_FILE: Final = "cellbox/writeFile"
+READ_FILE: Final = "cellbox/readFile"
+LIST_FILES: Final = "cellbox/listFiles"
+DELETE_FILE: Final = "cellbox/deleteFile"
 
 OUTPUT: Final = "cellbox/output"
 DISPLAY: Final = "cellbox/display"
@@ -39,6 +43,10 @@ REQUESTS: Final[dict[str, tuple[type[Any], type[Any] | None]]] = {
     BUILD_IMAGE: (t.BuildImageParams, t.BuildImageResult),
     LIST_IMAGES: (t.ListImagesParams, t.ListImagesResult),
     BIND_DOCUMENT: (t.BindDocumentParams, None),
+    WRITE_FILE: (t.WriteFileParams, t.WriteFileResult),
+    READ_FILE: (t.ReadFileParams, t.ReadFileResult),
+    LIST_FILES: (t.ListFilesParams, t.ListFilesResult),
+    DELETE_FILE: (t.DeleteFileParams, None),
 }
 
 # notification method -> params type

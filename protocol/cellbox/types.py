@@ -60,11 +60,13 @@ class InitializationOptions(Struct):
 
 
 class CellboxCapabilities(Struct):
-    """`capabilities.experimental.cellbox` of the `initialize` result."""
+    """`capabilities.experimental.cellbox` of the `initialize` result; `file_cap` is the most
+    bytes one readFile answers and one writeFile takes."""
 
     protocol_version: int
     backends: list[Backend]
     default_backend: Backend
+    file_cap: int | None = None
 
 
 # --- sandboxes ---------------------------------------------------------------------------
@@ -89,14 +91,20 @@ class CreateSandboxParams(Struct):
     mounts: list[Mount] = msgspec.field(default_factory=list)
     limits: Limits | None = None
     network: Network | None = None
+    runtime: NonEmptyStr | None = None
     name: str | None = None
     work_done_token: ProgressToken | None = None
 
 
 class CreateSandboxResult(Struct):
+    """`workspace` is the workspace's path on the daemon's machine, present only where that
+    machine can see it (the local backend); `sandbox_workspace` is its path as the sandbox's
+    kernels see it (their working directory), always present."""
+
     sandbox_id: str
     backend: Backend
-    workspace: str
+    sandbox_workspace: str
+    workspace: str | None = None
     image: str | None = None
 
 
@@ -164,11 +172,14 @@ class ErrorInfo(Struct):
 
 
 class Output(Struct):
-    """One `execute_result` or `display_data`; binary MIME types are base64 strings."""
+    """One `execute_result` or `display_data`; binary MIME types are base64 strings. An image
+    is also saved in the workspace: `file` is its path relative to the workspace (readable with
+    `readFile`), `path` its absolute path on the daemon's machine where that machine sees it."""
 
     data: dict[str, Any]
     metadata: dict[str, Any]
     path: str | None = None
+    file: str | None = None
 
 
 class ExecuteResult(Struct):
@@ -208,6 +219,62 @@ class GetSkillSourcesParams(Struct):
 class GetSkillSourcesResult(Struct):
     sources: dict[str, str]
     formatted: str
+
+
+# --- files -------------------------------------------------------------------------------
+
+FileKind = Literal["file", "dir", "symlink"]
+# a path relative to the sandbox's workspace; the daemon checks where it leads
+FilePath = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class WriteFileParams(Struct):
+    sandbox_id: NonEmptyStr
+    path: FilePath
+    content: bytes  # base64 on the wire
+    append: bool = False
+    mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] | None = None
+
+
+class WriteFileResult(Struct):
+    size: int  # the file's size after the write
+
+
+class ReadFileParams(Struct):
+    sandbox_id: NonEmptyStr
+    path: FilePath
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    length: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class ReadFileResult(Struct):
+    content: bytes  # base64 on the wire; at most the daemon's per-call cap
+    size: int  # the whole file's
+    eof: bool
+
+
+class ListFilesParams(Struct):
+    sandbox_id: NonEmptyStr
+    path: FilePath = "."
+    recursive: bool = False
+
+
+class FileEntry(Struct):
+    path: str  # relative to the workspace
+    kind: FileKind
+    size: int
+    modified_at: str
+
+
+class ListFilesResult(Struct):
+    entries: list[FileEntry]
+    truncated: bool = False  # more entries than the daemon lists in one answer
+
+
+class DeleteFileParams(Struct):
+    sandbox_id: NonEmptyStr
+    path: FilePath
+    recursive: bool = False
 
 
 # --- images ------------------------------------------------------------------------------
@@ -267,6 +334,7 @@ class DisplayNotification(Struct):
     data: dict[str, Any]
     metadata: dict[str, Any]
     path: str | None = None
+    file: str | None = None
 
 
 class KernelStatusNotification(Struct):
@@ -289,3 +357,4 @@ class ErrorData(Struct):
     kernel_id: str | None = None  # KernelNotFound, KernelDied
     backend: Backend | None = None  # BackendUnavailable
     image: str | None = None  # ImageNotFound
+    path: str | None = None  # FileNotFound: the missing file or folder

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import docker
 import docker.types
+from cellboxd.images import LABEL_GID, LABEL_UID
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -30,7 +31,6 @@ from jupyter_client.manager import AsyncKernelManager
 from cellbox import AsyncClient, AsyncKernel, CellboxError, PoolSpec
 from cellbox import types as t
 from cellboxd.backends.docker import PYTHON as IMAGE_PYTHON
-from cellboxd.images import LABEL_GID, LABEL_UID
 
 T = TypeVar("T")
 

@@ -51,7 +51,12 @@ def fds(pid: int) -> int:
 
 def descendants(pid: int) -> int:
     """How many processes descend from `pid` (children, grandchildren...)."""
-    found = 0
+    return len(descendant_pids(pid))
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """The processes that descend from `pid` (children, grandchildren...)."""
+    found: list[int] = []
     todo = [pid]
     while todo:
         try:
@@ -63,6 +68,6 @@ def descendants(pid: int) -> int:
                 children = [int(c) for c in (task / "children").read_text().split()]
             except OSError:  # the thread ended meanwhile
                 continue
-            found += len(children)
+            found += children
             todo.extend(children)
     return found

@@ -1,70 +1,141 @@
-"""What the rest of the daemon needs from a backend's sandbox."""
+"""What a backend is, and what the rest of the daemon needs from the sandboxes it makes.
+
+A backend makes sandboxes and finds the ones daemons that were killed left behind. Each of its
+sandboxes runs the agent (sandbox/agent.py) and is reached only through the agent's channel:
+kernels, commands and files all go through it, whichever backend made the sandbox. The
+backend's own part is to make the sandbox, to start an agent in it (`_connect`), and to
+remove it.
+"""
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import msgspec
+from cellbox import errors
+from cellbox import types as t
+from cellboxd import channel as ch
 
-if TYPE_CHECKING:  # jupyter_client is imported with the first kernel: the daemon starts faster
-    from jupyter_client.manager import AsyncKernelManager
-    from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+if TYPE_CHECKING:
+    from cellboxd.config import Resolved
+    from cellboxd.inventory import Entry
+
+log = logging.getLogger(__name__)
 
 OnLine = Callable[[str], None]
 
-
-class RunResult(msgspec.Struct):
-    returncode: int
-    stdout: str
-    stderr: str
+Key = tuple[t.Backend, str | None]
+"""What the warm pool keeps sandboxes by: the backend, and the image (or None)."""
 
 
-class KernelLaunch(msgspec.Struct):
-    """How to start one kernel: its manager, the arguments for `start_kernel`, its output log,
-    and its credits FIFO on this machine (None: the kernel prints unchecked)."""
+class SandboxRuntime(abc.ABC):
+    """A sandbox as a backend made it, reached through the channel to its agent.
 
-    manager: AsyncKernelManager
-    kwargs: dict[str, Any]
-    log_path: Path
-    credits: Path | None = None
+    The agent is started on first use and started again when it is gone (a cell killed it):
+    what it ran then is gone with it, the sandbox's files and packages are not.
+    """
 
+    sandbox_workspace: str
+    """The workspace as the sandbox's kernels see it: their working directory."""
+    python: str
+    """The sandbox's interpreter."""
 
-class SandboxRuntime(Protocol):
-    """A sandbox as a backend made it."""
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self._channel: ch.Channel | None = None
+        self._connecting = asyncio.Lock()
+        self.closed = False
 
     @property
-    def workspace(self) -> Path:
-        """The host folder that is the kernels' working directory."""
-        ...
+    def workspace(self) -> Path | None:
+        """The workspace's folder on the daemon's machine, where that machine can see it."""
+        return None
+
+    @property
+    def image(self) -> str | None:
+        return None
 
     @property
     def uv(self) -> str | None:
         """uv for installs, where the sandbox has it; else pip is used."""
-        ...
+        return None
 
-    def release_kernel(self, kernel_id: str) -> None:
-        """Forgets a kernel that was shut down."""
-        ...
+    def env(self) -> dict[str, str]:
+        """What kernels and commands get on top of the agent's own environment."""
+        return {}
 
-    @property
-    def python(self) -> str:
-        """The sandbox's interpreter."""
-        ...
+    async def channel(self) -> ch.Channel:
+        """The channel to the sandbox's agent, started when there is none (or it is gone)."""
+        async with self._connecting:
+            if self.closed:
+                raise ch.ChannelClosed("the sandbox was destroyed")
+            if self._channel is None or self._channel.closed.done():
+                channel = ch.Channel(self.sandbox_id)
+                try:
+                    await self._connect(channel)
+                except BaseException:
+                    channel.close()
+                    raise
+                self._channel = channel
+            return self._channel
 
-    def kernel_launch(self, kernel_id: str) -> KernelLaunch:
-        """How to start a new kernel in this sandbox."""
-        ...
+    @abc.abstractmethod
+    async def _connect(self, channel: ch.Channel) -> None:
+        """Starts an agent in the sandbox and `channel.start`s the channel over its link."""
 
-    async def run(self, argv: list[str], on_line: OnLine | None = None) -> RunResult:
-        """Runs a command in the sandbox, as its kernels would; `on_line` gets each output line."""
-        ...
+    async def run(self, argv: list[str], on_line: OnLine | None = None) -> ch.RunResult:
+        """Runs a command in the sandbox (in its workspace, as its kernels would)."""
+        try:
+            return await (await self.channel()).run(argv, self.env(), on_line)
+        except (ch.ChannelClosed, ch.AgentError) as exc:
+            raise errors.RequestFailed(f"cannot run {argv[0]!r} in the sandbox: {exc}") from None
 
     async def close(self) -> None:
-        """Stops the sandbox's processes and removes what it made."""
+        """Stops the agent (and so every kernel and command) and removes the sandbox."""
+        self.closed = True
+        if self._channel is not None:
+            self._channel.close()
+        await self._remove()
+
+    @abc.abstractmethod
+    async def _remove(self) -> None:
+        """Removes what the backend made for the sandbox."""
+
+
+class Backend(Protocol):
+    """One kind of sandbox; `backends.BACKENDS` names them."""
+
+    name: t.Backend
+
+    def available(self) -> bool:
+        """Whether sandboxes can be made now (a quick look, for `initialize`)."""
+        ...
+
+    def validate(self, params: t.CreateSandboxParams) -> None:
+        """InvalidParams naming the field that this backend does not take."""
+        ...
+
+    def pool_key(self, image: str | None) -> Key:
+        """The warm pool's key for sandboxes of this image (None: the default)."""
+        ...
+
+    async def create(
+        self, sandbox_id: str, root: Path, params: t.CreateSandboxParams, on_line: OnLine
+    ) -> SandboxRuntime:
+        """A new sandbox; `root` is its folder of the daemon's, made and claimed already."""
+        ...
+
+    def entries(self) -> list[Entry]:
+        """This backend's sandboxes on this machine, of every daemon (for `cellbox ps`); blocks."""
+        ...
+
+    async def remove_orphans(self) -> list[str]:
+        """Removes the sandboxes of daemons that are gone; their ids."""
         ...
 
 
@@ -79,115 +150,4 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-async def process_exit(provisioner: KernelProvisionerBase) -> int | None:
-    """Waits until a kernel's process has ended; its exit code.
-
-    A local process is watched through a pidfd, which wakes the loop the moment it exits and
-    costs nothing until then; other provisioners wait in their own way.
-    """
-    from jupyter_client.provisioning.local_provisioner import LocalProvisioner
-
-    process = getattr(provisioner, "process", None)
-    if not isinstance(provisioner, LocalProvisioner) or process is None:
-        return await provisioner.wait()
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except (AttributeError, OSError):  # not Linux, or the process is already reaped
-        return await provisioner.wait()
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def on_exit() -> None:
-        if not ended.done():
-            ended.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    try:
-        await ended
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    return await provisioner.poll()
-
-
-# Run in each kernel at start. ipykernel sends what a cell prints every 0.2 s however much it
-# is, so a cell that prints fast makes messages of many MB; and nothing stops a kernel from
-# printing faster than the daemon's client reads, zmq queueing the difference in the daemon.
-# So every MiB a kernel writes is flushed as one message and needs a credit: a byte the daemon
-# writes into the kernel's credits FIFO once its client has taken a MiB (see Kernel). A kernel
-# may be CREDITS_AHEAD MiB ahead; then `print` waits for its reader, as on a terminal. A FIFO
-# that cannot be opened, or that ends (the daemon is gone), stops the waiting. The wrapper is
-# put back before every cell: IPython 9 restores `sys.stdout.write` after each one.
-CREDIT_CHARS = 1 << 20
-CREDITS_AHEAD = 8
-_BOUNDED_STREAMS = """\
-def _cellbox_bound(path, limit={limit}, ahead={ahead}):
-    import os as _o, sys as _s
-    fd = [None, ahead, 0]  # the FIFO, credits in hand, characters since the last credit
-    if path:
-        try:
-            fd[0] = _o.open(path, _o.O_RDONLY | _o.O_NONBLOCK)
-            _o.set_blocking(fd[0], True)
-        except OSError:
-            pass
-    def credit():
-        if fd[1]:
-            fd[1] -= 1
-        elif fd[0] is not None and not _o.read(fd[0], 1):
-            _o.close(fd[0])
-            fd[0] = None
-    def bound(stream):
-        write = stream.write
-        if getattr(write, "_cellbox", False):
-            return
-        def bounded(text):
-            for start in range(0, max(len(text), 1), limit):
-                piece = text[start : start + limit]
-                write(piece)
-                fd[2] += len(piece)
-                while fd[2] >= limit:
-                    fd[2] -= limit
-                    stream.flush()
-                    credit()
-            return len(text)
-        bounded._cellbox = True
-        stream.write = bounded
-    def bound_both(*_):
-        bound(_s.stdout)
-        bound(_s.stderr)
-    bound_both()
-    get_ipython().events.register("pre_execute", bound_both)
-_cellbox_bound({path!r})
-del _cellbox_bound"""
-
-
-def kernel_manager(
-    python: str, kernel_file: str, *, interrupt_mode: str, credits: str | None = None, **kwargs: Any
-) -> AsyncKernelManager:
-    """A jupyter_client manager for an IPython kernel run by `python`, which reads its
-    connection file at `kernel_file` and its credits FIFO at `credits` (as the sandbox sees them).
-
-    Completion uses IPython's own completer, which completes the live objects of the kernel's
-    namespace (what an editor bound to it wants); jedi's static analysis is slow to start and
-    returns nothing with some IPython and jedi versions.
-    """
-    from jupyter_client.kernelspec import KernelSpec
-    from jupyter_client.manager import AsyncKernelManager
-
-    km = AsyncKernelManager(kernel_name="cellbox", **kwargs)
-    km._kernel_spec = KernelSpec(
-        argv=[
-            python,
-            "-m",
-            "ipykernel_launcher",
-            "-f",
-            kernel_file,
-            "--IPCompleter.use_jedi=False",
-            "--IPKernelApp.exec_lines="
-            + _BOUNDED_STREAMS.format(limit=CREDIT_CHARS, ahead=CREDITS_AHEAD, path=credits),
-        ],
-        display_name="cellbox",
-        language="python",
-        interrupt_mode=interrupt_mode,
-    )
-    return km
+BackendFactory = Callable[["Resolved"], Backend]

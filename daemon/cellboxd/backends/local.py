@@ -1,10 +1,12 @@
-"""The `local` backend: kernels as processes on this machine. It isolates nothing.
+"""The `local` backend: the agent and its kernels as processes on this machine. It isolates nothing.
 
 Each sandbox gets a folder under the data dir with a workspace (the kernels' cwd, `skills/`
 on PYTHONPATH, `images/`) and a virtual environment of its own for packages installed at
-runtime. The environment sees the daemon's packages (ipykernel among them) through a `.pth`
-file, so it costs a few milliseconds to make and `installPackage` never touches the daemon's
-own environment or another sandbox's.
+runtime. The environment sees the daemon's packages (ipykernel and pyzmq among them) through a
+`.pth` file, so it costs a few milliseconds to make and `installPackage` never touches the
+daemon's own environment or another sandbox's. The agent runs as the daemon's child, its
+channel on the child's stdin and stdout, and keeps its kernels' IPC sockets in a private
+folder of the runtime dir.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ import sys
 import sysconfig
 import venv
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
-from cellboxd.backends.base import KernelLaunch, OnLine, RunResult, kernel_manager
-from cellboxd.inventory import SOCKETS_LINK
+from cellbox import errors
+from cellbox import types as t
+from cellboxd import channel as ch
+from cellboxd import inventory
+from cellboxd.backends.base import Key, OnLine, SandboxRuntime
+from cellboxd.config import Resolved
 
-_LINE_LIMIT = 1 << 20  # bytes of one output line passed to `on_line`
 _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+_EXIT_WAIT = 2.0  # seconds an agent gets to stop its kernels once its stdin ended
 
 
 def _daemon_site_dirs() -> list[str]:
@@ -34,29 +40,67 @@ def _daemon_site_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
-class LocalSandbox:
-    def __init__(self, root: Path, env: dict[str, str], sockets: Path) -> None:
+class LocalBackend:
+    name: t.Backend = "local"
+
+    def __init__(self, resolved: Resolved) -> None:
+        self._resolved = resolved
+
+    def available(self) -> bool:
+        return True
+
+    def validate(self, params: t.CreateSandboxParams) -> None:
+        given = [
+            field
+            for field, value in (
+                ("image", params.image),
+                ("mounts", params.mounts),
+                ("limits", params.limits),
+                ("network", params.network),
+                ("runtime", params.runtime),
+            )
+            if value
+        ]
+        if given:
+            raise errors.InvalidParams(
+                f"Invalid params: `{'`, `'.join(given)}` need the docker backend; the local backend "
+                "isolates nothing"
+            )
+
+    def pool_key(self, image: str | None) -> Key:
+        return (self.name, None)
+
+    async def create(
+        self, sandbox_id: str, root: Path, params: t.CreateSandboxParams, on_line: OnLine
+    ) -> SandboxRuntime:
+        folder = self._resolved.runtime_path / sandbox_id
+        return await asyncio.to_thread(LocalSandbox.create, sandbox_id, root, params.env, folder)
+
+    def entries(self) -> list[inventory.Entry]:
+        return inventory.local_sandboxes(self._resolved.sandboxes_path)
+
+    async def remove_orphans(self) -> list[str]:
+        return []  # their folders are all there is, and the sweep of folders removes them
+
+
+class LocalSandbox(SandboxRuntime):
+    def __init__(self, sandbox_id: str, root: Path, env: dict[str, str], folder: Path) -> None:
+        super().__init__(sandbox_id)
         self.root = root
         self._user_env = env
-        self._sockets = sockets
+        self._folder = folder  # the agent's, for its kernels' sockets
         self._venv = root / "venv"
-        self._procs: set[asyncio.subprocess.Process] = set()
-        self._logs: list[BinaryIO] = []
+        self.sandbox_workspace = str(self.workspace)
+        self.python = str(self._venv / "bin" / "python")
+        self._agent: _AgentProcess | None = None
 
     @property
     def workspace(self) -> Path:
         return self.root / "workspace"
 
     @property
-    def python(self) -> str:
-        return str(self._venv / "bin" / "python")
-
-    @property
     def uv(self) -> str | None:
         return shutil.which("uv")
-
-    def release_kernel(self, kernel_id: str) -> None:
-        pass
 
     @property
     def site_packages(self) -> Path:
@@ -64,16 +108,13 @@ class LocalSandbox:
         return self._venv / "lib" / version / "site-packages"
 
     @classmethod
-    def create(cls, root: Path, env: dict[str, str], sockets: Path) -> LocalSandbox:
-        """A sandbox in `root`; `sockets` is a new folder for its kernels' IPC sockets, short and
-        private (`runtime_dir/<sandbox id>`), removed with the sandbox, or by the sweep of orphans,
-        which finds it through the `sockets` link in `root`."""
-        sockets.mkdir(mode=0o700)
-        (root / SOCKETS_LINK).symlink_to(sockets, target_is_directory=True)
-        sandbox = cls(root, env, sockets)
+    def create(cls, sandbox_id: str, root: Path, env: dict[str, str], folder: Path) -> LocalSandbox:
+        """A sandbox in `root`; `folder`, short and private (`runtime_dir/<sandbox id>`), is for
+        its kernels' IPC sockets, and goes with the sandbox or with the sweep of orphans."""
+        folder.mkdir(mode=0o700)
+        sandbox = cls(sandbox_id, root, env, folder)
         for sub in ("skills", "images"):
             (sandbox.workspace / sub).mkdir(parents=True, exist_ok=True)
-        (root / "kernels").mkdir(exist_ok=True)
         venv.EnvBuilder(with_pip=False, symlinks=True).create(sandbox._venv)
         lines = "; ".join(f"site.addsitedir({d!r})" for d in _daemon_site_dirs())
         (sandbox.site_packages / "_cellbox_daemon.pth").write_text(f"import site; {lines}\n")
@@ -84,6 +125,7 @@ class LocalSandbox:
         return sandbox
 
     def environment(self) -> dict[str, str]:
+        """The agent's environment, which its kernels and commands inherit."""
         env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith("CELLBOX_")}
         env.update(self._user_env)
         env["PYTHONPATH"] = os.pathsep.join(
@@ -93,69 +135,83 @@ class LocalSandbox:
         env["PATH"] = f"{self._venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
         return env
 
-    def kernel_launch(self, kernel_id: str) -> KernelLaunch:
-        # IPC sockets in the sandbox's private folder: no TCP ports, and no other user can connect
-        credits = self.root / "kernels" / f"{kernel_id}.credits"
-        os.mkfifo(credits, 0o600)
-        km = kernel_manager(
-            self.python,
-            "{connection_file}",
-            interrupt_mode="signal",
-            credits=str(credits),
-            transport="ipc",
-            ip=str(self._sockets / kernel_id),
-            connection_file=str(self.root / "kernels" / f"{kernel_id}.json"),
-        )
-        log_path = self.root / "kernels" / f"{kernel_id}.log"
-        log = log_path.open("ab")
-        self._logs.append(log)
-        kwargs = {"env": self.environment(), "cwd": str(self.workspace), "stdout": log, "stderr": log}
-        return KernelLaunch(km, kwargs, log_path, credits)
-
-    async def run(self, argv: list[str], on_line: OnLine | None = None) -> RunResult:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+    async def _connect(self, channel: ch.Channel) -> None:
+        if self._agent is not None:
+            await self._agent.stop()
+        program = ch.program(str(self.workspace), str(self._folder))
+        loop = asyncio.get_running_loop()
+        _, agent = await loop.subprocess_exec(
+            lambda: _AgentProcess(channel),
+            *ch.command(self.python, program),
             env=self.environment(),
             cwd=self.workspace,
             start_new_session=True,
-            limit=_LINE_LIMIT,
         )
-        self._procs.add(proc)
-        try:
-            assert proc.stdout is not None and proc.stderr is not None
-            out, err = await asyncio.gather(_collect(proc.stdout, on_line), _collect(proc.stderr, on_line))
-            returncode = await proc.wait()
-        finally:
-            self._procs.discard(proc)
-            if proc.returncode is None:
-                _kill(proc)
-                await proc.wait()
-        return RunResult(returncode, out, err)
+        self._agent = agent
+        await channel.start(agent, program)
 
-    async def close(self) -> None:
-        for proc in list(self._procs):
-            _kill(proc)
-        for log in self._logs:
-            log.close()
-        await asyncio.to_thread(shutil.rmtree, self._sockets, ignore_errors=True)
-        await asyncio.to_thread(shutil.rmtree, self.root, ignore_errors=True)
+    async def _remove(self) -> None:
+        """Stops the agent and removes its folder; the sandbox's own folder is its owner's."""
+        if self._agent is not None:
+            await self._agent.stop()
+        await asyncio.to_thread(shutil.rmtree, self._folder, ignore_errors=True)
 
 
-def _kill(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+class _AgentProcess(asyncio.SubprocessProtocol):
+    """The agent as a child process: the channel's link over its stdin and stdout."""
 
+    def __init__(self, channel: ch.Channel) -> None:
+        self._channel = channel
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._exited = asyncio.get_running_loop().create_future()
 
-async def _collect(stream: asyncio.StreamReader, on_line: OnLine | None) -> str:
-    if on_line is None:
-        return (await stream.read()).decode(errors="replace")
-    chunks: list[str] = []
-    while line := await stream.readline():
-        text = line.decode(errors="replace")
-        chunks.append(text)
-        if on_line is not None:
-            on_line(text.rstrip("\n"))
-    return "".join(chunks)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self._channel.feed(data)
+        else:
+            self._channel.complain(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self._channel.lost("the agent closed its output")
+
+    def process_exited(self) -> None:
+        code = self._transport.get_returncode() if self._transport is not None else None
+        self._channel.lost(f"the agent exited with code {code}")
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    def _pipe(self, fd: int) -> Any:
+        return None if self._transport is None else self._transport.get_pipe_transport(fd)
+
+    def write(self, data: bytes) -> None:
+        if (pipe := self._pipe(0)) is not None and not pipe.is_closing():
+            pipe.write(data)
+
+    def pause_reading(self) -> None:
+        if (pipe := self._pipe(1)) is not None:
+            pipe.pause_reading()
+
+    def resume_reading(self) -> None:
+        if (pipe := self._pipe(1)) is not None:
+            pipe.resume_reading()
+
+    def close(self) -> None:
+        """Ends the agent's stdin: it stops its kernels and exits."""
+        if (pipe := self._pipe(0)) is not None:
+            pipe.close()
+
+    async def stop(self) -> None:
+        """Closes the agent's stdin, waits a moment for it to exit, then kills it."""
+        self.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exited), _EXIT_WAIT)
+        if self._transport is not None:
+            if not self._exited.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._transport.get_pid(), signal.SIGKILL)
+            self._transport.close()

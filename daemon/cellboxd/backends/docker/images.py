@@ -2,10 +2,12 @@
 
 An image is the base image plus a virtual environment at `/opt/cellbox/venv` holding ipykernel
 and the requirements, run by a non-root user `cellbox` whose UID/GID are the daemon's user's,
-so that files kernels write to a mounted workspace belong to that user on the host. Every
-image carries `cellbox.*` labels; `cellbox.hash` covers all that shapes the image, so that a
-build whose image is already there returns at once. cellbox never pulls: the base image must
-be on the engine already.
+so that files kernels write to a folder mounted from the engine's machine belong to that user.
+Its setuid and setgid bits are cleared. Packages installed at runtime go to `/opt/cellbox/packages`
+(a volume of each sandbox, the root file system being read-only), which a `.pth` file of the
+venv puts on `sys.path` ahead of the image's own packages. Every image carries `cellbox.*`
+labels; `cellbox.hash` covers all that shapes the image, so that a build whose image is already
+there returns at once. A base image that is not on the engine is pulled.
 """
 
 from __future__ import annotations
@@ -21,16 +23,23 @@ import re
 import shlex
 import tarfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final, get_args
 
 import docker
 import docker.errors
+import docker.utils
 from poetry.core.constraints.version import Version, parse_constraint
 
 from cellbox import __version__, errors
 from cellbox import types as t
-from cellboxd.dependencies import Dependencies, parse_dependencies, requirements_hash, variant_dependencies
+from cellboxd.backends.docker.dependencies import (
+    Dependencies,
+    parse_dependencies,
+    requirements_hash,
+    variant_dependencies,
+)
 
 DEFAULT_BASE_IMAGE: Final = "python:3.11-slim"
 IMAGE_LABEL: Final = "cellbox.image"
@@ -42,6 +51,8 @@ LABEL_GID: Final = "cellbox.gid"
 LABEL_USER: Final = "cellbox.user"
 
 VENV: Final = "/opt/cellbox/venv"
+PYTHON: Final = f"{VENV}/bin/python"
+PACKAGES: Final = "/opt/cellbox/packages"  # runtime installs: `pip install --prefix` there
 HOME: Final = "/home/cellbox"
 WORKSPACE: Final = "/workspace"
 CA_BUNDLE: Final = "/etc/cellbox/ca-bundle.crt"
@@ -54,6 +65,14 @@ _DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 _PIP_INSTALL: Final = "pip install --no-cache-dir --no-input --progress-bar off"
 _VARIANTS: Final = frozenset(get_args(t.Variant))
 _LOCAL_FILE: Final = re.compile(r"@\s*file:", re.IGNORECASE)
+# in the venv's site-packages: PACKAGES' site dir (and its .pth files) ahead of the venv's own
+_PACKAGES_PTH: Final = (
+    "import site, sys; n = len(sys.path); "
+    f'site.addsitedir("{PACKAGES}/lib/python%d.%d/site-packages" % sys.version_info[:2]); '
+    "added = sys.path[n:]; del sys.path[n:]; "
+    'at = next((i for i, p in enumerate(sys.path) if p.endswith("site-packages")), len(sys.path)); '
+    "sys.path[at:at] = added\n"
+)
 # an image name and optional tag, as Docker's reference grammar has them
 _COMPONENT: Final = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN: Final = (
@@ -83,6 +102,46 @@ def find_image(client: docker.DockerClient, tag: str) -> Any:
         if exc.status_code == 400:  # not a valid reference: it names no image
             return None
         raise
+
+
+def pull(client: docker.DockerClient, reference: str, on_line: Callable[[str], None]) -> Any:
+    """Pulls an image, reporting how far it got (at most a line a second, and each layer done);
+    the image, or ImageNotFound saying why it cannot be had."""
+    repository, tag = docker.utils.parse_repository_tag(reference)
+    on_line(f"pulling {reference}")
+    layers: dict[str, tuple[int, int]] = {}  # layer -> (bytes done, bytes in all)
+    last = 0.0
+    try:
+        for item in client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+            if "error" in item:
+                raise errors.ImageNotFound(f"cannot be pulled: {item['error']}", {"image": reference})
+            layer, status = item.get("id"), item.get("status", "")
+            detail = item.get("progressDetail") or {}
+            if layer and status == "Downloading" and detail.get("total"):
+                layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
+            elif (
+                layer
+                and status in ("Download complete", "Pull complete", "Already exists")
+                and layer in layers
+            ):
+                layers[layer] = (layers[layer][1], layers[layer][1])
+            now = time.monotonic()
+            if layers and (now - last >= 1.0 or status == "Pull complete"):
+                last = now
+                done, total = (sum(part) for part in zip(*layers.values(), strict=True))
+                on_line(
+                    f"pulling {reference}: {done / 2**20:.1f}/{total / 2**20:.1f} MB "
+                    f"({100 * done // max(total, 1)}%)"
+                )
+    except docker.errors.APIError as exc:
+        raise errors.ImageNotFound(
+            f"cannot be pulled: {exc.explanation or exc}", {"image": reference}
+        ) from None
+    image = find_image(client, reference)
+    if image is None:
+        raise errors.ImageNotFound(f"was not found after pulling {reference}", {"image": reference})
+    on_line(f"pulled {reference}")
+    return image
 
 
 def list_images(client: docker.DockerClient) -> list[t.ImageInfo]:
@@ -135,9 +194,8 @@ async def build_image(
     def work() -> None:
         outcome: t.BuildImageResult | BaseException
         try:
-            outcome = _Build(client, params, variant, deps, tag).run(
-                lambda line: call_soon(on_line, line), stop
-            )
+            emit = lambda line: call_soon(on_line, line)  # noqa: E731
+            outcome = _Build(client, params, variant, deps, tag, emit).run(emit, stop)
         except docker.errors.APIError as exc:
             outcome = errors.BuildFailed(
                 f"the Docker engine refused the build of {tag}: {exc.explanation or exc}", {"log": ""}
@@ -208,8 +266,11 @@ def render_dockerfile(
         "USER root",
         f"ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 HOME={HOME}",
         *([f"COPY ca-bundle.crt {CA_BUNDLE}", f"ENV {certs}"] if ca_bundle else []),
+        # no way up from the image's user: no binary that runs with another user's rights
+        "RUN find / -xdev -type f -perm /6000 -exec chmod a-s {} + 2>/dev/null || true",
+        "COPY cellbox-packages.pth /opt/cellbox/cellbox-packages.pth",
     ]
-    dirs = f"/opt/cellbox {WORKSPACE} {WORKSPACE}/skills {WORKSPACE}/images"
+    dirs = f"/opt/cellbox {PACKAGES} {WORKSPACE} {WORKSPACE}/skills {WORKSPACE}/images"
     if user is None:
         lines.append(f"RUN mkdir -p {dirs} {HOME}")
     else:
@@ -223,8 +284,13 @@ def render_dockerfile(
             f"USER {uid}:{gid}",
         ]
     lines += [
-        f"RUN python3 -m venv {VENV} \\\n && {VENV}/bin/{_PIP_INSTALL} {shlex.quote(IPYKERNEL)}",
-        f"ENV PATH={VENV}/bin:{path} VIRTUAL_ENV={VENV} PYTHONPATH={WORKSPACE}/skills",
+        f"RUN python3 -m venv {VENV} \\\n && {VENV}/bin/{_PIP_INSTALL} {shlex.quote(IPYKERNEL)} \\\n"
+        # the prefix's site dir is there from the start: Python never looks again in a folder of
+        # sys.path that was missing when it started
+        f" && {PYTHON} -c 'import os, shutil, sys, sysconfig; "
+        f'shutil.copy("/opt/cellbox/cellbox-packages.pth", sysconfig.get_paths()["purelib"]); '
+        f'os.makedirs("{PACKAGES}/lib/python%d.%d/site-packages" % sys.version_info[:2])\'',
+        f"ENV PATH={PACKAGES}/bin:{VENV}/bin:{path} VIRTUAL_ENV={VENV} PYTHONPATH={WORKSPACE}/skills",
     ]
     if requirements:
         lines += [
@@ -245,6 +311,7 @@ class _Build:
         variant: str | None,
         deps: Dependencies,
         tag: str,
+        on_line: Callable[[str], None],
     ) -> None:
         self.client = client
         self.deps = deps
@@ -253,14 +320,16 @@ class _Build:
         self.log: list[str] = []
         base = find_image(client, self.base)
         if base is None:
-            raise errors.BuildFailed(
-                f"the base image {self.base!r} is not on the Docker engine, and cellbox does not pull "
-                f"images: pull or build it first (`docker pull {self.base}`), or choose another with "
-                "--base-image / baseImage / $CELLBOX_BASE_IMAGE",
-                {"log": ""},
-            )
+            try:
+                base = pull(client, self.base, on_line)
+            except errors.ImageNotFound as exc:
+                raise errors.BuildFailed(
+                    f"the base image {self.base!r} is not on the Docker engine and {exc.message}; "
+                    "choose another with --base-image / baseImage / $CELLBOX_BASE_IMAGE",
+                    {"log": ""},
+                ) from None
         self.base_id: str = base.id
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytes] = {"cellbox-packages.pth": _PACKAGES_PTH.encode()}
         ca_path = os.environ.get("CELLBOX_CA_BUNDLE")
         if ca_path:
             try:

@@ -1,0 +1,168 @@
+"""The `docker` backend: a sandbox is a hardened container on any engine the docker SDK reaches.
+
+Its parts: `engine` (connecting, exec sessions), `images` (builds from dependency files,
+pulls), `dependencies` (Poetry's format), `sandbox` (the container and its agent), `orphans`.
+The docker SDK and poetry-core are loaded when a docker sandbox or image is first asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cellbox import errors
+from cellbox import types as t
+from cellboxd.backends.base import Key, OnLine, SandboxRuntime
+from cellboxd.backends.docker import engine
+from cellboxd.config import Resolved
+from cellboxd.inventory import Entry
+
+if TYPE_CHECKING:
+    import docker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VARIANT = "minimal"
+
+
+class DockerBackend:
+    name: t.Backend = "docker"
+
+    def __init__(self, resolved: Resolved, daemon_id: str) -> None:
+        self._resolved = resolved
+        self.daemon_id = daemon_id
+        self._client: docker.DockerClient | None = None
+        self._info: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()
+        self._variants: dict[str, asyncio.Task[t.BuildImageResult]] = {}  # checked by this daemon
+
+    def available(self) -> bool:
+        return engine.reachable()
+
+    def validate(self, params: t.CreateSandboxParams) -> None:
+        for index, mount in enumerate(params.mounts):
+            if not mount.source.startswith("/") or not mount.target.startswith("/"):
+                raise errors.InvalidParams(
+                    f"Invalid params: `mounts[{index}]`: `source` (a folder of the engine's machine) and "
+                    "`target` (in the sandbox) must be absolute paths"
+                )
+
+    def pool_key(self, image: str | None) -> Key:
+        return (self.name, image or DEFAULT_VARIANT)
+
+    async def client(self) -> docker.DockerClient:
+        async with self._lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(engine.connect)
+            return self._client
+
+    async def _engine_info(self) -> dict[str, Any]:
+        """The engine's `info` (what it enforces, its runtimes), asked once."""
+        if self._info is None:
+            client = await self.client()
+            info: dict[str, Any] = await asyncio.to_thread(client.info)
+            self._info = info
+        return self._info
+
+    async def create(
+        self, sandbox_id: str, root: Path, params: t.CreateSandboxParams, on_line: OnLine
+    ) -> SandboxRuntime:
+        from cellboxd.backends.docker import sandbox
+
+        settings = self._resolved.settings
+        client = await self.client()
+        info = await self._engine_info()
+        limits = sandbox.limits_of(params, settings.limits)
+        sandbox.check_enforced(limits, params, info)
+        sandbox.check_runtime(params, params.runtime or settings.docker_runtime, info)
+        tag, labels = await self.resolve_image(params.image, on_line)
+        hardening = sandbox.Hardening(
+            settings.limits, settings.read_only_root, settings.tmp_size_mb, settings.docker_runtime
+        )
+        # in a thread that runs to its end even when the caller is cancelled (the client gave
+        # up, the daemon is leaving), so that a container made meanwhile is removed, not left
+        creating = asyncio.ensure_future(
+            asyncio.to_thread(
+                sandbox.create_container,
+                client,
+                sandbox_id=sandbox_id,
+                daemon_id=self.daemon_id,
+                image=tag,
+                labels=labels,
+                params=params,
+                hardening=hardening,
+                limits=limits,
+            )
+        )
+        try:
+            container_id = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(sandbox.remove_container, client, await creating)
+            raise
+        return sandbox.DockerSandbox(sandbox_id, client, container_id, tag)
+
+    async def resolve_image(self, image: str | None, on_line: OnLine) -> tuple[str, dict[str, str]]:
+        """The tag to start a sandbox from, and its labels: a built-in variant is built when
+        missing, another image pulled."""
+        from cellboxd.backends.docker import images
+        from cellboxd.backends.docker.dependencies import VARIANTS, variant_dependencies
+
+        client = await self.client()
+        name = image or DEFAULT_VARIANT
+        if name in VARIANTS:
+            # built when missing or out of date (another cellbox built it), checked once per daemon
+            if name not in self._variants or self._variants[name].cancelled():
+                params = t.BuildImageParams(variant=name)  # type: ignore[arg-type]
+                self._variants[name] = asyncio.ensure_future(
+                    images.build_image(client, params, on_line=on_line)
+                )
+            try:
+                name = (await asyncio.shield(self._variants[name])).tag
+            except Exception:
+                del self._variants[name]
+                raise
+        found = await asyncio.to_thread(images.find_image, client, name)
+        if found is None:
+            loop = asyncio.get_running_loop()
+
+            def emit(line: str) -> None:
+                loop.call_soon_threadsafe(on_line, line)
+
+            try:
+                found = await asyncio.to_thread(images.pull, client, name, emit)
+            except errors.ImageNotFound as exc:
+                raise errors.ImageNotFound(
+                    f"image {name!r} is not on the engine and {exc.message}; build it with `cellbox build "
+                    f"--tag {name} --dependencies FILE` (or cellbox/buildImage), or use a built-in variant: "
+                    f"{', '.join(VARIANTS)}",
+                    {"image": name},
+                ) from None
+        return name, dict(found.labels or {})
+
+    async def build_image(self, params: t.BuildImageParams, on_line: OnLine) -> t.BuildImageResult:
+        from cellboxd.backends.docker import images
+
+        return await images.build_image(await self.client(), params, on_line=on_line)
+
+    async def list_images(self) -> list[t.ImageInfo]:
+        from cellboxd.backends.docker import images
+
+        return await asyncio.to_thread(images.list_images, await self.client())
+
+    def entries(self) -> list[Entry]:
+        from cellboxd.backends.docker import orphans
+
+        return orphans.entries(engine.connect(timeout=5))
+
+    async def remove_orphans(self) -> list[str]:
+        from cellboxd.backends.docker import orphans
+
+        try:
+            client = await self.client()
+        except errors.BackendUnavailable:
+            return []  # no engine, no containers
+        return await asyncio.to_thread(orphans.remove, client)

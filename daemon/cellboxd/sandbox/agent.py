@@ -1,0 +1,498 @@
+"""The agent: cellbox's one process inside a sandbox, at the other end of the daemon's channel.
+
+The daemon starts it with the sandbox's interpreter (`python -I -c BOOT N`, through the
+engine's exec API, or as a child process) and sends its code down its stdin, so that nothing
+of cellbox has to be in the image and the agent is always the daemon's own version. From then
+on stdin and stdout carry frames (wire.py) and stderr the agent's own complaints. It acts with
+the sandbox's rights only: it starts and signals kernels, moves their zmq messages to and from
+the channel, hands them output credits, runs commands (installs, skill lookups) and reads and
+writes the workspace (files.py). Whatever the sandbox's code does to the agent, the daemon
+treats what comes out of the channel as untrusted.
+
+One thread, one zmq poller over everything: the channel, each kernel's sockets and output pipe,
+each command's pipes, and a pipe woken by SIGCHLD. While more than HIGH_WATER bytes wait to go
+out, kernel sockets and command pipes are not read, so a flood waits in the sandbox.
+
+Kernels bind IPC sockets in a private folder of the agent's; each has a credits FIFO there,
+which its streams read before they print another MiB (see the daemon's kernels.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from cellboxd.sandbox import files, wire
+
+HIGH_WATER = 4 << 20  # bytes waiting for the channel before kernels and commands are not read
+TAIL = 16 << 10  # bytes of a kernel's own output kept for the daemon's error messages
+_BATCH = 64  # messages taken from one socket per turn, so that one kernel cannot starve others
+_READ = 1 << 20
+_PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4}
+
+try:  # kernels die with the agent, even a killed one
+    import ctypes
+
+    _libc: Any = ctypes.CDLL(None, use_errno=True)
+except (ImportError, OSError):  # pragma: no cover - a Python without ctypes
+    _libc = None
+
+
+def _die_with_parent() -> None:
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+class _Child:
+    """A process the agent started: a kernel or a command."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.code: int | None = None
+        self.pipes: set[int] = set()  # its output pipes still open
+
+    def signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.kill(self.proc.pid, signum)
+
+
+class _Kernel(_Child):
+    def __init__(
+        self, proc: subprocess.Popen[bytes], base: str, sockets: dict[int, Any], credits: int
+    ) -> None:
+        super().__init__(proc)
+        self.base = base
+        self.sockets = sockets  # channel number -> zmq socket
+        self.credits = credits
+        self.tail: collections.deque[bytes] = collections.deque()
+        self.tail_size = 0
+
+    def keep(self, data: bytes) -> None:
+        self.tail.append(data)
+        self.tail_size += len(data)
+        while self.tail_size > TAIL and len(self.tail) > 1:
+            self.tail_size -= len(self.tail.popleft())
+
+    def output(self) -> str:
+        return b"".join(self.tail)[-TAIL:].decode(errors="replace")
+
+
+class Agent:
+    def __init__(self, workspace: files.Workspace, folder: str | None) -> None:
+        self.workspace = workspace
+        self.context = zmq.Context()
+        self.poller = zmq.Poller()
+        self.parser = wire.Parser()
+        self.out: collections.deque[bytes] = collections.deque()
+        self.out_size = 0
+        self.writing = False  # polling stdout for room
+        self.paused = False
+        self.kernels: dict[int, _Kernel] = {}
+        self.runs: dict[int, _Child] = {}
+        self.readers: dict[int, Callable[[], None]] = {}  # fd -> what to do when it is readable
+        self.sockets: dict[Any, tuple[int, int]] = {}  # zmq socket -> (slot, channel)
+        self.own_folder = folder is None  # made here, and removed at the end
+        self.folder = folder or tempfile.mkdtemp(prefix="cellbox-agent-")
+        self.done = False
+        self.wake_r, wake_w = os.pipe()
+        for fd in (self.wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._stop)
+        os.set_blocking(0, False)
+        os.set_blocking(1, False)
+        try:  # a bigger pipe: fewer wake-ups when output floods
+            import fcntl
+
+            fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ
+        except (ImportError, OSError):
+            pass
+        self.poller.register(0, zmq.POLLIN)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.calls: dict[str, Callable[[dict[str, Any], bytes], tuple[dict[str, Any], bytes]]] = {
+            "kernel.start": self.start_kernel,
+            "kernel.signal": self.signal_kernel,
+            "kernel.output": self.kernel_output,
+            "run": self.start_run,
+            "run.signal": self.signal_run,
+            "file.write": self.write_file,
+            "file.create": self.create_file,
+            "file.read": self.read_file,
+            "file.list": self.list_files,
+            "file.delete": self.delete_file,
+        }
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.event({"event": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})
+        try:
+            while not self.done:
+                self.flush()
+                for item, _ in self.poller.poll():
+                    if item == 0:
+                        self.read_channel()
+                    elif item == 1:
+                        self.flush()
+                    elif item == self.wake_r:
+                        self.reap()
+                    elif isinstance(item, int):
+                        self.readers[item]()
+                    else:
+                        self.read_socket(item)
+        finally:
+            self.close()
+
+    def _stop(self, *_: Any) -> None:
+        self.done = True
+
+    def read_channel(self) -> None:
+        try:
+            data = os.read(0, _READ)
+        except BlockingIOError:
+            return
+        if not data:
+            self.done = True
+            return
+        for kind, ident, payload in self.parser.feed(data):
+            if kind == wire.KERNEL:
+                channel, parts = wire.split_kernel(payload)
+                kernel = self.kernels.get(ident)
+                if kernel is not None and kernel.code is None and channel in kernel.sockets:
+                    kernel.sockets[channel].send_multipart(parts)
+            elif kind == wire.CREDIT:
+                self.credit(ident, wire.split_count(payload))
+            elif kind == wire.CALL:
+                args, blob = wire.split_json(payload)
+                self.call(ident, args, blob)
+
+    def call(self, ident: int, args: dict[str, Any], blob: bytes) -> None:
+        handler = self.calls.get(args.get("op", ""))
+        try:
+            if handler is None:
+                raise files.FileError("invalid", f"unknown operation {args.get('op')!r}", "")
+            result, data = handler(args, blob)
+            reply: dict[str, Any] = {"ok": True, **result}
+        except files.FileError as exc:
+            reply, data = {"ok": False, "kind": exc.kind, "message": exc.message, "path": exc.path}, b""
+        except Exception as exc:
+            reply, data = {"ok": False, "kind": "failed", "message": f"{type(exc).__name__}: {exc}"}, b""
+        self.send(wire.json_frame(wire.REPLY, ident, reply, data))
+
+    def event(self, obj: dict[str, Any], blob: bytes = b"") -> None:
+        self.send(wire.json_frame(wire.EVENT, 0, obj, blob))
+
+    def send(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_size += len(data)
+        if self.out_size > HIGH_WATER and not self.paused:
+            self.paused = True
+            for item in [*self.sockets, *self._pipes()]:
+                self.poller.unregister(item)
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                written = os.writev(1, list(self.out)[:64])
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                self.done = True
+                self.out.clear()
+                return
+            self.out_size -= written
+            while written:
+                head = self.out[0]
+                if written >= len(head):
+                    written -= len(head)
+                    self.out.popleft()
+                else:
+                    self.out[0] = head[written:]
+                    written = 0
+        if self.out and not self.writing:
+            self.writing = True
+            self.poller.register(1, zmq.POLLOUT)
+        elif not self.out and self.writing:
+            self.writing = False
+            self.poller.unregister(1)
+        if self.paused and self.out_size < HIGH_WATER // 2:
+            self.paused = False
+            for item in self.sockets:
+                self.poller.register(item, zmq.POLLIN)
+            for fd in self._pipes():
+                self.poller.register(fd, zmq.POLLIN)
+
+    def _pipes(self) -> list[int]:
+        return [fd for fd in self.readers]
+
+    # -- kernels ----------------------------------------------------------------------------
+
+    def start_kernel(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        slot = int(args["slot"])
+        if slot in self.kernels:
+            raise files.FileError("invalid", f"kernel slot {slot} is taken", "")
+        base = os.path.join(self.folder, f"k{slot}")
+        connection = {
+            "transport": "ipc",
+            "ip": base,
+            **{f"{name}_port": port for name, port in _PORTS.items()},
+            "hb_port": 5,
+            "key": args["key"],
+            "signature_scheme": "hmac-sha256",
+            "kernel_name": "",
+        }
+        connection_file = base + ".json"
+        fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump(connection, file)
+        credits = base + ".credits"
+        os.mkfifo(credits, 0o600)
+        credits_fd = os.open(credits, os.O_RDWR | os.O_NONBLOCK)
+        argv = [
+            a.replace("{connection_file}", connection_file).replace("{credits}", credits)
+            for a in args["argv"]
+        ]
+        read_end, write_end = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=write_end,
+                cwd=args.get("cwd") or self.workspace.root,
+                env={**os.environ, **args.get("env", {})},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            os.close(read_end)
+            os.close(credits_fd)
+            raise files.FileError("failed", f"cannot start the kernel: {exc}", "") from None
+        finally:
+            os.close(write_end)
+        sockets = {}
+        for name, port in _PORTS.items():
+            if name == "stdin":
+                continue
+            socket = self.context.socket(zmq.SUB if name == "iopub" else zmq.DEALER)
+            socket.linger = 0
+            if name == "iopub":
+                socket.subscribe(b"")
+            socket.connect(f"ipc://{base}-{port}")
+            sockets[wire.CHANNEL[name]] = socket
+            self.sockets[socket] = (slot, wire.CHANNEL[name])
+            if not self.paused:
+                self.poller.register(socket, zmq.POLLIN)
+        kernel = self.kernels[slot] = _Kernel(proc, base, sockets, credits_fd)
+        self._watch_pipe(kernel, read_end, kernel.keep)
+        return {"pid": proc.pid}, b""
+
+    def signal_kernel(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        kernel = self.kernels.get(int(args["slot"]))
+        if kernel is not None and kernel.code is None:
+            kernel.signal(int(args["signum"]))
+        return {}, b""
+
+    def kernel_output(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        kernel = self.kernels.get(int(args["slot"]))
+        return {"output": kernel.output() if kernel is not None else ""}, b""
+
+    def read_socket(self, socket: Any) -> None:
+        slot, channel = self.sockets[socket]
+        for _ in range(_BATCH):
+            try:
+                parts = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.send(wire.kernel_frame(slot, channel, parts))
+            if self.paused:
+                return
+
+    def credit(self, slot: int, count: int) -> None:
+        kernel = self.kernels.get(slot)
+        if kernel is not None and kernel.code is None:
+            with contextlib.suppress(OSError):  # full: it has credits enough
+                os.write(kernel.credits, b"\0" * min(count, 1 << 16))
+
+    def _end_kernel(self, slot: int, kernel: _Kernel) -> None:
+        """Sends what the kernel's sockets still hold, then its exit, and forgets it."""
+        for channel, socket in kernel.sockets.items():
+            while True:
+                try:
+                    parts = socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.send(wire.kernel_frame(slot, channel, parts))
+            if socket in self.sockets:
+                del self.sockets[socket]
+                if not self.paused:
+                    self.poller.unregister(socket)
+            socket.close(0)
+        os.close(kernel.credits)
+        for path in (
+            kernel.base + ".json",
+            kernel.base + ".credits",
+            *(f"{kernel.base}-{p}" for p in range(1, 6)),
+        ):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        del self.kernels[slot]
+        self.event({"event": "exit", "kernel": slot, "code": kernel.code, "output": kernel.output()})
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def start_run(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        ident = int(args["id"])
+        try:
+            proc = subprocess.Popen(
+                args["argv"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=args.get("cwd") or self.workspace.root,
+                env={**os.environ, **args.get("env", {})},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            raise files.FileError("failed", f"cannot run {args['argv'][0]!r}: {exc}", "") from None
+        run = self.runs[ident] = _Child(proc)
+        for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            assert pipe is not None
+            fd = os.dup(pipe.fileno())
+            pipe.close()
+            self._watch_pipe(run, fd, self._run_output(ident, stream))
+        return {"pid": proc.pid}, b""
+
+    def _run_output(self, ident: int, stream: str) -> Callable[[bytes], None]:
+        def send(data: bytes) -> None:
+            self.event({"event": "output", "run": ident, "stream": stream}, data)
+
+        return send
+
+    def signal_run(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        run = self.runs.get(int(args["id"]))
+        if run is not None and run.code is None:
+            run.signal(int(args["signum"]))
+        return {}, b""
+
+    def _watch_pipe(self, child: _Child, fd: int, sink: Callable[[bytes], None]) -> None:
+        os.set_blocking(fd, False)
+        child.pipes.add(fd)
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, _READ)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                sink(data)
+                return
+            del self.readers[fd]
+            if not self.paused:
+                self.poller.unregister(fd)
+            os.close(fd)
+            child.pipes.discard(fd)
+            self._maybe_ended(child)
+
+        self.readers[fd] = readable
+        if not self.paused:
+            self.poller.register(fd, zmq.POLLIN)
+
+    # -- ends -------------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        for child in [*self.kernels.values(), *self.runs.values()]:
+            if child.code is not None:
+                continue
+            try:
+                pid, status = os.waitpid(child.proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = child.proc.pid, 255 << 8
+            if pid:
+                child.code = _exit_code(status)
+                child.proc.returncode = child.code
+                self._maybe_ended(child)
+
+    def _maybe_ended(self, child: _Child) -> None:
+        """A kernel ends when its process does; a command when its pipes have closed too."""
+        if child.code is None:
+            return
+        if isinstance(child, _Kernel):
+            slot = next((s for s, k in self.kernels.items() if k is child), None)
+            if slot is not None:
+                self._end_kernel(slot, child)
+            return
+        if child.pipes:
+            return
+        ident = next((i for i, r in self.runs.items() if r is child), None)
+        if ident is not None:
+            del self.runs[ident]
+            self.event({"event": "exit", "run": ident, "code": child.code})
+
+    def close(self) -> None:
+        for child in [*self.kernels.values(), *self.runs.values()]:
+            child.signal(signal.SIGKILL)
+        self.context.destroy(0)
+        if self.own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -- files ------------------------------------------------------------------------------
+
+    def write_file(self, args: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
+        size = self.workspace.write(args["path"], blob, bool(args.get("append")), args.get("mode"))
+        return {"size": size}, b""
+
+    def create_file(self, args: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
+        return {"created": self.workspace.create(args["path"], blob)}, b""
+
+    def read_file(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        content, size = self.workspace.read(args["path"], int(args.get("offset", 0)), int(args["length"]))
+        return {"size": size}, content
+
+    def list_files(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        entries, truncated = self.workspace.list(
+            args.get("path", "."), bool(args.get("recursive")), int(args["limit"])
+        )
+        return {"entries": entries, "truncated": truncated}, b""
+
+    def delete_file(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        self.workspace.delete(args["path"], bool(args.get("recursive")))
+        return {}, b""
+
+
+def main(workspace: str, folder: str | None = None) -> None:
+    """Serves the channel on stdin and stdout until stdin ends; run by the bootstrap. Kernels'
+    sockets go in `folder`, else in a temporary folder of the agent's own."""
+    os.makedirs(workspace, exist_ok=True)
+    os.chdir(workspace)
+    Agent(files.Workspace(workspace), folder).serve()
