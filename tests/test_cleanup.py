@@ -129,3 +129,37 @@ def test_kernels_are_gone_when_the_client_dies() -> None:
     )
     pids = json.loads(out.stdout.strip().splitlines()[-1])
     assert _wait_gone([pids["daemon"], *pids["kernels"]], within=5) == []
+
+
+def _initialized_with(data_dir: Path) -> Daemon:
+    """A daemon told its data dir by `initialize`, not by the environment."""
+    d = Daemon(initialize=False)
+    params = {
+        "processId": os.getpid(),
+        "capabilities": {},
+        "initializationOptions": {"dataDir": str(data_dir)},
+    }
+    d.request("initialize", params)
+    d.notify("initialized", {})
+    return d
+
+
+def test_the_orphans_swept_are_those_of_the_data_dir_initialize_names(tmp_path: Path) -> None:
+    """Settings are resolved once `initialize` has said all: the sweep of what a killed daemon
+    left looks in the data dir it names, not in the environment's."""
+    d = _initialized_with(tmp_path / "data")
+    created = d.request("cellbox/createSandbox", {})
+    assert Path(created["workspace"]).is_relative_to(tmp_path / "data")
+    d.proc.kill()
+    d.proc.wait(timeout=10)
+    folder = Path(created["workspace"]).parent
+    assert folder.is_dir()
+    with Daemon():  # the environment's data dir: not that one
+        pass
+    assert folder.is_dir()
+    successor = _initialized_with(tmp_path / "data")
+    try:
+        successor.request("cellbox/createSandbox", {})  # waits for the sweep
+        assert not folder.exists()
+    finally:
+        successor.close()

@@ -12,12 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import io
 import os
 import re
+import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +38,7 @@ from cellbox import types as t
 from cellboxd.backends.docker import images
 from cellboxd.backends.docker.dependencies import parse_dependencies, variant_dependencies
 from tests.conftest import docker_unavailable
+from tests.rpc import Daemon
 
 CELLBOX = [sys.executable, "-m", "cellboxd"]
 REPOSITORY = f"cellbox-test-images-{uuid.uuid4().hex[:8]}"
@@ -449,3 +456,100 @@ def test_cli_invalid_dependencies(engine: docker.DockerClient, tmp_path: Path) -
     assert images.find_image(engine, _tag("cliinvalid")) is None
     done = cellbox("build", "--dependencies", str(tmp_path / "missing.txt"))
     assert done.returncode == 1 and "cannot read" in done.stderr
+
+
+# --- pulls, from a registry on this machine -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's docker-registry on 127.0.0.1 (an engine pulls from loopback without TLS); its
+    address. The tests push what they pull from it."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        docker_unavailable("no docker-registry (Debian's package docker-registry) to pull from")
+    folder = tmp_path_factory.mktemp("registry")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (folder / "config.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {folder / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n"
+    )
+    proc = subprocess.Popen([str(binary), "serve", str(folder / "config.yml")], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1),
+            ):
+                break
+            assert time.monotonic() < deadline, "the registry did not start"
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _push_unique_base(engine: docker.DockerClient, base_image: str, registry: str) -> str:
+    """A base image only the registry has: the base plus a layer of random bytes, pushed and
+    then untagged here, so that a pull has something to download."""
+    reference = f"{registry}/{REPOSITORY}-base:{secrets.token_hex(4)}"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, content in (
+            ("noise", os.urandom(3 << 20)),
+            ("Dockerfile", f"FROM {base_image}\nCOPY noise /noise\n".encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    context.seek(0)
+    engine.images.build(fileobj=context, custom_context=True, tag=reference, rm=True)
+    for line in engine.images.push(reference, stream=True, decode=True):
+        assert "error" not in line, line
+    engine.images.remove(reference)
+    assert images.find_image(engine, reference) is None
+    return reference
+
+
+def test_a_base_image_that_is_absent_is_pulled_with_progress(
+    engine: docker.DockerClient, leftovers: Leftovers, base_image: str, registry: str
+) -> None:
+    reference = _push_unique_base(engine, base_image, registry)
+    try:
+        built = build(engine, leftovers, reference, variant="minimal", tag=_tag("pulled"))
+        assert built.result.built
+        pulling = [line for line in built.lines if line.startswith(f"pulling {reference}")]
+        assert pulling[0] == f"pulling {reference}" and f"pulled {reference}" in built.lines
+        assert any(line.endswith("(100%)") for line in pulling), pulling
+        assert images.find_image(engine, reference) is not None
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            engine.images.remove(reference, force=True)
+
+
+def test_a_sandbox_image_that_is_absent_is_pulled(
+    engine: docker.DockerClient, minimal: Built, registry: str
+) -> None:
+    """createSandbox pulls an image the engine lacks, as `docker run` does, reporting progress."""
+    reference = f"{registry}/{REPOSITORY}-sandbox:1"
+    engine.images.get(minimal.result.image_id).tag(reference)
+    for line in engine.images.push(reference, stream=True, decode=True):
+        assert "error" not in line, line
+    engine.images.remove(reference)
+    try:
+        with Daemon() as d:
+            created = d.request(
+                "cellbox/createSandbox",
+                {"backend": "docker", "image": reference, "workDoneToken": "p"},
+                timeout=300,
+            )
+            assert created["image"] == reference
+            reports = [p["value"].get("message", "") for p in d.notes("$/progress") if p["token"] == "p"]
+            assert f"pulling {reference}" in reports and f"pulled {reference}" in reports
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            engine.images.remove(reference, force=True)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 8 << 20  # bytes of kernel messages waiting before the link is not read
 HELLO_TIMEOUT = 30.0  # seconds for a new agent to say hello
+CALL_TIMEOUT = 30.0  # seconds an agent gets to answer a call; it answers at once when it lives
 RUN_OUTPUT_CAP = 4 << 20  # bytes of a command's output kept (its end), per stream
 COMPLAINTS_CAP = 64 << 10  # bytes of an agent's stderr logged; the rest is dropped
 
@@ -235,13 +236,13 @@ class Channel:
         try:
             async with asyncio.timeout(timeout):
                 waits: list[asyncio.Future[Any]] = [self.hello, self.closed]
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             self.lost(f"the agent did not start within {timeout:g} s")
             raise ChannelClosed(self.closed.result()) from None
-        if self.hello in done:
-            return self.hello.result()
-        raise ChannelClosed(self.closed.result())
+        if self.closed.done():  # the hello future is cancelled then
+            raise ChannelClosed(self.closed.result())
+        return self.hello.result()
 
     def feed(self, data: bytes) -> None:
         """What the link read from the agent's stdout."""
@@ -251,7 +252,11 @@ class Channel:
             for kind, ident, payload in self._parser.feed(data):
                 self._dispatch(kind, ident, payload)
         except wire.FrameError as exc:
-            self.lost(f"the agent broke the channel's framing ({exc})")
+            if not self.hello.done():  # not the agent speaking: what started it, saying why not
+                text = data[:2000].decode(errors="replace").strip()
+                self.lost(f"the agent did not start; its output: {text}")
+            else:
+                self.lost(f"the agent broke the channel's framing ({exc})")
 
     def complain(self, data: bytes) -> None:
         """What the agent wrote to its stderr (a traceback, say): logged, up to a bound."""
@@ -339,14 +344,19 @@ class Channel:
             self._link.write(data)
 
     async def call(self, op: str, blob: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
-        """Runs an operation in the agent: its result and blob, or AgentError, ChannelClosed."""
+        """Runs an operation in the agent: its result and blob, or AgentError, ChannelClosed. An
+        agent that does not answer within CALL_TIMEOUT is taken for gone."""
         if self.closed.done():
             raise ChannelClosed(self.closed.result())
         ident = next(self._ids)
         future = self._calls[ident] = asyncio.get_running_loop().create_future()
         self._send(wire.json_frame(wire.CALL, ident, {"op": op, **args}, blob))
         try:
-            result, data = await future
+            async with asyncio.timeout(CALL_TIMEOUT):
+                result, data = await future
+        except TimeoutError:
+            self.lost(f"the agent did not answer {op} within {CALL_TIMEOUT:g} s")
+            raise ChannelClosed(self.closed.result()) from None
         finally:
             self._calls.pop(ident, None)
         if not result.get("ok"):

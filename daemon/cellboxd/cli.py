@@ -71,9 +71,9 @@ def _show(event: ExecutionEvent) -> None:
 
 
 def _display_line(event: t.DisplayNotification) -> str:
-    if event.path is not None:
+    if (where := event.path or event.file) is not None:
         mimetype = next((m for m in event.data if m != "text/plain"), "text/plain")
-        return f"[display {mimetype} → {event.path}]"
+        return f"[display {mimetype} → {where}]"
     text = event.data.get("text/plain")
     if isinstance(text, str):
         line = " ".join(text.split())

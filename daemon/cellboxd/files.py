@@ -84,6 +84,13 @@ def _error(exc: AgentError) -> errors.CellboxError:
     return errors.RequestFailed(exc.message)
 
 
+def _inside(path: object) -> bool:
+    """Whether `path` is a plain relative path that stays in the workspace."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
 def _iso(mtime: object) -> str:
     seconds = float(mtime) if isinstance(mtime, int | float) else 0.0
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")

@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,26 +25,27 @@ from tests.bench import cases
 from tests.bench.drivers import daemon, remove_stale_containers
 from tests.bench.report import Row, machine, print_table, write_json
 
-BACKENDS = ("local", "docker")
+BACKENDS = ("local", "docker", "remote")
 
 
-def _engine() -> docker.DockerClient | None:
-    """A client of the Docker engine, or None when none answers."""
+def _engine(host: str | None = None) -> docker.DockerClient | None:
+    """A client of the Docker engine at `host` (default: the environment's), or None when none
+    answers."""
     try:
-        engine = docker.from_env(timeout=30)
+        engine = docker.DockerClient(base_url=host, timeout=30) if host else docker.from_env(timeout=30)
         engine.ping()
     except Exception:
         return None
     return engine
 
 
-async def _image(engine: docker.DockerClient, home: Path) -> str:
+async def _image(engine: docker.DockerClient, home: Path, host: str | None) -> str:
     """The tag of cellbox's minimal image, built through the daemon when it is missing."""
     tag = f"cellbox-minimal:{__version__}"
     try:
         await asyncio.to_thread(engine.images.get, tag)
     except docker.errors.ImageNotFound:
-        async with daemon(home) as client:
+        async with daemon(home, docker_host=host) as client:
             tag = (await client.build_image(variant="minimal")).tag
     return tag
 
@@ -76,19 +78,26 @@ async def _session(bench: cases.Bench, backend: str, log: Console) -> list[Row]:
 
 
 async def run(
-    plan: cases.Plan, backends: list[str], engine: docker.DockerClient | None, log: Console
+    plan: cases.Plan,
+    backends: list[str],
+    engines: dict[str, tuple[docker.DockerClient, str | None]],
+    log: Console,
 ) -> list[Row]:
-    """Every case on every backend; the temporary folder and what ran in it are gone at the end."""
+    """Every case on every backend; the temporary folder and what ran in it are gone at the end.
+    `engines` holds the docker targets' clients and DOCKER_HOSTs."""
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # cleans up as Ctrl-C does
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="cbx-bench-") as tmp:
-        image = None
-        if engine is not None and "docker" in backends:
-            await asyncio.to_thread(remove_stale_containers, engine)
-            image = await _image(engine, Path(tmp))
-        bench = cases.Bench(plan, Path(tmp), engine, image)
+        measured: dict[str, cases.Engine] = {}
+        for name, (client, host) in engines.items():
+            if name in backends:
+                await asyncio.to_thread(remove_stale_containers, client)
+                image = await _image(client, Path(tmp), host)
+                remote_host = urllib.parse.urlparse(host).hostname if name == "remote" and host else None
+                measured[name] = cases.Engine(client, image, host, remote_host)
+        bench = cases.Bench(plan, Path(tmp), measured)
         rows += await _case(log, "daemon start", None, functools.partial(cases.daemon_start, bench))
         for backend in backends:
             rows += await _case(
@@ -118,29 +127,42 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=Path("bench-results.json"), help="where to write the results"
     )
     parser.add_argument(
-        "--backends", help="comma-separated, of local and docker (default: both if a Docker engine answers)"
+        "--backends",
+        help="comma-separated, of local, docker and remote (default: those whose engine answers)",
+    )
+    parser.add_argument(
+        "--remote",
+        metavar="DOCKER_HOST",
+        help="an engine of another machine (tcp://HOST:PORT) to measure the docker backend on too",
     )
     args = parser.parse_args(argv)
-    engine = _engine()
+    engines: dict[str, tuple[docker.DockerClient, str | None]] = {}
+    if (engine := _engine()) is not None:
+        engines["docker"] = (engine, None)
+    if args.remote and (remote := _engine(args.remote)) is not None:
+        engines["remote"] = (remote, args.remote)
     if args.backends is None:
-        backends = list(BACKENDS) if engine is not None else ["local"]
+        backends = ["local", *engines]
     else:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         if not backends or set(backends) - set(BACKENDS):
             parser.error(f"--backends takes a comma-separated list of {', '.join(BACKENDS)}")
-        if "docker" in backends and engine is None:
-            parser.error("--backends docker: no Docker engine answers (see DOCKER_HOST)")
+        for name in set(backends) - {"local"} - set(engines):
+            where = "--remote" if name == "remote" else "DOCKER_HOST"
+            parser.error(f"--backends {name}: no Docker engine answers (see {where})")
     plan = cases.QUICK if args.quick else cases.FULL
     log = Console(stderr=True)
     out = Console(width=None if sys.stdout.isatty() else 120)
     started = time.perf_counter()
     try:
-        rows = asyncio.run(run(plan, backends, engine, log))
+        rows = asyncio.run(run(plan, backends, engines, log))
     except (KeyboardInterrupt, asyncio.CancelledError):
         log.print("[red]interrupted: cleaned up, no results")
         return 130
     duration = time.perf_counter() - started
     info = machine(engine.version()["Version"] if engine is not None else None)
+    if "remote" in engines:
+        info["remote_engine"] = f"{engines['remote'][0].version()['Version']} at {args.remote}"
     title = f"cellbox {__version__} vs jupyter_client · {info['cores']} cores · {duration:.0f} s"
     print_table(out, rows, title + (" · quick" if args.quick else ""))
     meta: dict[str, Any] = {

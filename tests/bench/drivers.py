@@ -3,8 +3,10 @@
 cellbox is driven through its Python `AsyncClient`, as users drive it. The baseline is a tight
 loop on jupyter_client's `AsyncKernelClient` talking to the same kind of kernel directly: on
 `local` an ipykernel that `AsyncKernelManager` starts with this interpreter over IPC sockets
-(as cellbox's local kernels), on `docker` ipykernels in a container of cellbox's own image,
-over IPC sockets in a bind-mounted folder (as cellbox's docker kernels).
+(as cellbox's local kernels), on `docker` ipykernels in a container of cellbox's own image over
+IPC sockets in a bind-mounted folder (the fastest way to reach a kernel in a container), and on
+`remote` (an engine on another machine) the same container with its kernels' ports published
+over TCP (the only way jupyter_client reaches a kernel there).
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from typing import Any, Protocol, TypeVar
 
 import docker
 import docker.types
-from cellboxd.images import LABEL_GID, LABEL_UID
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from cellbox import AsyncClient, AsyncKernel, CellboxError, PoolSpec
 from cellbox import types as t
-from cellboxd.backends.docker import PYTHON as IMAGE_PYTHON
+from cellboxd.backends.docker.images import LABEL_GID, LABEL_UID
+from cellboxd.backends.docker.images import PYTHON as IMAGE_PYTHON
 
 T = TypeVar("T")
 
@@ -39,6 +41,7 @@ BENCH_LABEL = "cellbox-bench.pid"  # on the baseline's containers: the benchmark
 _CHANNELS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 _CONN = "/conn"  # the docker baseline's folder of connection files and sockets, in its container
 _READY_TIMEOUT = 60.0
+_FIRST_PORT = 40000  # of the remote baseline's published ports, five a kernel
 
 
 class CellboxFailed(Exception):
@@ -80,10 +83,14 @@ async def cellbox_call(what: str, seconds: float) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def daemon(home: Path, pool: list[PoolSpec] | None = None) -> AsyncIterator[AsyncClient]:
+async def daemon(
+    home: Path, pool: list[PoolSpec] | None = None, docker_host: str | None = None
+) -> AsyncIterator[AsyncClient]:
     """A started client whose daemon keeps its state under `home` and sends its logs nowhere;
-    `pool` is its warm pool."""
+    `pool` is its warm pool, `docker_host` its engine (default: the environment's)."""
     env = {f"CELLBOX_{name.upper()}_DIR": str(home / name) for name in ("data", "log", "cache")}
+    if docker_host is not None:
+        env["DOCKER_HOST"] = docker_host
     env["CELLBOX_RUNTIME_DIR"] = str(home / "run")
     env["CELLBOX_CONFIG"] = str(home / "config.toml")  # absent: the user's config plays no part
     client = AsyncClient(DAEMON, env=env, stderr=subprocess.DEVNULL, pool=pool)
@@ -206,29 +213,72 @@ def _connection_files(engine: docker.DockerClient, home: Path, image: str, n: in
     return folder
 
 
+# Run in the remote baseline's container: writes each kernel's connection file (TCP on every
+# interface, its five ports from argv[2 + i]) and starts the kernels.
+_REMOTE_LAUNCH = f"""
+import json, subprocess, sys
+key, ports, kernels = sys.argv[1], [int(p) for p in sys.argv[2:]], []
+for i in range(len(ports) // 5):
+    info = dict(zip({_CHANNELS!r}, ports[5 * i : 5 * i + 5]), ip="0.0.0.0", transport="tcp", key=key)
+    info["signature_scheme"] = "hmac-sha256"
+    path = f"/tmp/k{{i}}.json"
+    with open(path, "w") as file:
+        json.dump(info, file)
+    kernels.append(subprocess.Popen([sys.executable, "-m", "ipykernel_launcher", "-f", path]))
+for kernel in kernels:
+    kernel.wait()
+"""
+
+
 @contextlib.asynccontextmanager
 async def docker_kernels(
-    engine: docker.DockerClient, home: Path, image: str, n: int
+    engine: docker.DockerClient, home: Path, image: str, n: int, remote_host: str | None = None
 ) -> AsyncIterator[list[AsyncKernelClient]]:
-    """`n` ipykernels in one container of `image` (`docker run`), over IPC sockets in a bind mount."""
+    """`n` ipykernels in one container of `image` (`docker run`): over IPC sockets in a bind
+    mount, or, on an engine of another machine (`remote_host`), over its published TCP ports."""
     key = secrets.token_hex(16)
-    folder = await asyncio.to_thread(_connection_files, engine, home, image, n, key)
-    launch = f'for f in {_CONN}/*.json; do {IMAGE_PYTHON} -m ipykernel_launcher -f "$f" & done; wait'
+    infos: list[Any] = []
+    if remote_host is None:
+        folder = await asyncio.to_thread(_connection_files, engine, home, image, n, key)
+        launch = [
+            "sh",
+            "-c",
+            f'for f in {_CONN}/*.json; do {IMAGE_PYTHON} -m ipykernel_launcher -f "$f" & done; wait',
+        ]
+        options: dict[str, Any] = {"mounts": [docker.types.Mount(_CONN, str(folder), type="bind")]}
+        for i in range(n):
+            infos.append(
+                {
+                    **dict(zip(_CHANNELS, range(1, 6), strict=True)),
+                    "ip": str(folder / f"k{i}"),
+                    "transport": "ipc",
+                }
+            )
+    else:
+        ports = list(range(_FIRST_PORT, _FIRST_PORT + 5 * n))
+        launch = [IMAGE_PYTHON, "-c", _REMOTE_LAUNCH, key, *map(str, ports)]
+        options = {"ports": {f"{port}/tcp": port for port in ports}}
+        for i in range(n):
+            infos.append(
+                {
+                    **dict(zip(_CHANNELS, ports[5 * i : 5 * i + 5], strict=True)),
+                    "ip": remote_host,
+                    "transport": "tcp",
+                }
+            )
     container = await asyncio.to_thread(
         engine.containers.run,
         image,
-        ["sh", "-c", launch],
+        launch,
         detach=True,
         init=True,
-        mounts=[docker.types.Mount(_CONN, str(folder), type="bind")],
         labels={BENCH_LABEL: str(os.getpid())},
+        **options,
     )
     clients: list[AsyncKernelClient] = []
     try:
-        for i in range(n):
-            info: Any = dict(zip(_CHANNELS, range(1, 6), strict=True))
-            info.update(ip=str(folder / f"k{i}"), key=key.encode(), transport="ipc")
-            info.update(signature_scheme="hmac-sha256")
+        for info in infos:
+            info.update(key=key.encode(), signature_scheme="hmac-sha256")
             kc = AsyncKernelClient()
             kc.load_connection_info(info)
             clients.append(kc)

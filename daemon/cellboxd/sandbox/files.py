@@ -3,9 +3,13 @@
 This module runs in the sandbox's agent (see agent.py), with the sandbox's own rights, so it is
 standard library only and keeps to Python 3.8. Every path is relative to the workspace and is
 walked one component at a time from a descriptor of the workspace folder: each component is
-opened relative to its parent with O_NOFOLLOW, and a symlink met on the way is read and
-resolved by hand, so that it may point anywhere inside the workspace but never out of it. An
-absolute path, or one whose `..` or symlinks lead out, raises FileError("invalid").
+opened relative to its parent, and a symlink met on the way is read and resolved by hand, so
+that it may point anywhere inside the workspace but never out of it. An absolute path, or one
+whose `..` or symlinks lead out, raises FileError("invalid").
+
+O_NOFOLLOW is not trusted alone (gVisor's runsc follows a symlink opened with O_NOFOLLOW and
+O_DIRECTORY): each component is looked at with lstat before it is opened, and what was opened
+is checked to be that very entry.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import stat
 
 MAX_LINKS = 40  # symlinks followed in one path, as Linux allows
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_IS_LINK = (errno.ELOOP, errno.ENOTDIR)  # what opening a symlink with O_NOFOLLOW gives
 
 
 class FileError(Exception):
@@ -76,16 +79,9 @@ class Workspace:
         fd = os.open(self.root, _DIR_FLAGS)
         try:
             for index, part in enumerate(parts[:-1]):
-                try:
-                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno == errno.ENOENT and create_dirs:
-                        _mkdir(fd, part)
-                        child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                    elif exc.errno in _IS_LINK and _is_link(fd, part):
-                        return self._link_target(fd, part, parts[:index], path) + parts[index + 1 :]
-                    else:
-                        raise _error(exc, path) from None
+                child = _open_entry(fd, part, _DIR_FLAGS, path=path, create_dir=create_dirs)
+                if child is None:
+                    return self._link_target(fd, part, parts[:index], path) + parts[index + 1 :]
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -99,10 +95,9 @@ class Workspace:
         for _ in range(MAX_LINKS + 1):
             dir_fd, parts = self._parent(current, create_dirs)
             try:
-                return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-            except OSError as exc:
-                if exc.errno not in _IS_LINK or not _is_link(dir_fd, parts[-1]):
-                    raise _error(exc, path) from None
+                found = _open_entry(dir_fd, parts[-1], flags, mode, path=path)
+                if found is not None:
+                    return found
                 resolved = self._link_target(dir_fd, parts[-1], parts[:-1], path)
             finally:
                 os.close(dir_fd)
@@ -225,11 +220,39 @@ def _normal(parts: list[str], path: str) -> list[str]:
     return out
 
 
-def _is_link(dir_fd: int, name: str) -> bool:
+def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
     try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _open_entry(
+    dir_fd: int, name: str, flags: int, mode: int = 0o644, *, path: str, create_dir: bool = False
+) -> int | None:
+    """An fd of the entry `name` of the folder `dir_fd`, or None when it is a symlink, which is
+    never followed. With `create_dir` a missing folder is made."""
+    try:
+        before = _lstat(dir_fd, name)
+        if before is None and create_dir:
+            _mkdir(dir_fd, name)
+            before = _lstat(dir_fd, name)
+        if before is not None and stat.S_ISLNK(before.st_mode):
+            return None
+        if before is not None and flags & os.O_DIRECTORY and not stat.S_ISDIR(before.st_mode):
+            raise FileError("invalid", f"{path!r}: {name!r} is not a folder", path)
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # made a symlink meanwhile
+            return None
+        raise _error(exc, path) from None
+    opened, now = os.fstat(fd), _lstat(dir_fd, name)
+    if now is None or (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):
+        os.close(fd)  # not the entry that is there: a symlink was followed, or it was swapped
+        if now is not None and stat.S_ISLNK(now.st_mode):
+            return None
+        raise FileError("invalid", f"{path!r} changed while it was opened", path)
+    return fd
 
 
 def _mkdir(dir_fd: int, name: str) -> None:
@@ -260,8 +283,10 @@ def _list(fd: int, prefix: str, recursive: bool, entries: list[dict[str, object]
         entries.append({"path": name, "kind": kind, "size": info.st_size, "mtime": info.st_mtime})
         if recursive and kind == "dir":
             try:
-                child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
-            except OSError:
+                child = _open_entry(fd, entry.name, _DIR_FLAGS, path=name)
+            except FileError:
+                continue
+            if child is None:
                 continue
             try:
                 if not _list(child, name, recursive, entries, limit):
@@ -273,7 +298,10 @@ def _list(fd: int, prefix: str, recursive: bool, entries: list[dict[str, object]
 
 def _remove_tree(dir_fd: int, name: str) -> None:
     """Removes the folder `name` and everything in it, never following a symlink."""
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    fd = _open_entry(dir_fd, name, _DIR_FLAGS, path=name)
+    if fd is None:  # made a symlink meanwhile: that is what goes
+        os.unlink(name, dir_fd=dir_fd)
+        return
     try:
         with os.scandir(fd) as listing:
             children = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]

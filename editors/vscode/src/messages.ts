@@ -32,7 +32,8 @@ export interface ImageView {
   /** The image's bytes in base64, for a `data:` URL. */
   base64: string;
   executionId: string;
-  /** Where the daemon saved the image. */
+  /** Where the image was saved: in the workspace, and on this machine where it can see it. */
+  file?: string;
   path?: string;
 }
 
@@ -48,14 +49,18 @@ export function imageOf(display: DisplayNotification): ImageView | undefined {
     // SVG comes as XML text; the binary types as base64, which may hold line breaks.
     const base64 = mime === 'image/svg+xml' ? Buffer.from(value, 'utf8').toString('base64') : value.replace(/\s+/g, '');
     if (!BASE64.test(base64)) continue;
-    return { mime, base64, executionId: display.executionId, path: display.path ?? undefined };
+    const saved = display.file ? { file: display.file } : {};
+    return { mime, base64, executionId: display.executionId, ...saved, path: display.path ?? undefined };
   }
   return undefined;
 }
 
 /** What the Output channel shows for a display: its image's file, its text, or its MIME types. */
 export function displayText(display: DisplayNotification, image: ImageView | undefined): string {
-  if (image) return `[${image.mime}]${image.path ? ` ${image.path}` : ''}`;
+  if (image) {
+    const where = image.path ?? image.file;
+    return `[${image.mime}]${where ? ` ${where}` : ''}`;
+  }
   const text = display.data['text/plain'];
   if (typeof text === 'string') return text;
   return `[${Object.keys(display.data).join(', ')}]`;
@@ -119,7 +124,7 @@ function escapeHtml(text: string): string {
 /** The images panel: newest first, no scripts, and a CSP that loads nothing but data: images. */
 export function imagesHtml(images: readonly ImageView[]): string {
   const figures = images.map((image) => {
-    const caption = escapeHtml(image.path ?? `${image.executionId} (${image.mime})`);
+    const caption = escapeHtml(image.path ?? image.file ?? `${image.executionId} (${image.mime})`);
     // mime comes from IMAGE_TYPES and base64 matched BASE64: neither can leave the attribute.
     return `<figure><img src="data:${image.mime};base64,${image.base64}" alt="${caption}"><figcaption>${caption}</figcaption></figure>`;
   });

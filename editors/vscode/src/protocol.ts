@@ -13,6 +13,10 @@ export const Methods = {
   buildImage: 'cellbox/buildImage',
   listImages: 'cellbox/listImages',
   bindDocument: 'cellbox/bindDocument',
+  writeFile: 'cellbox/writeFile',
+  readFile: 'cellbox/readFile',
+  listFiles: 'cellbox/listFiles',
+  deleteFile: 'cellbox/deleteFile',
 } as const;
 
 export const Notifications = {
@@ -47,8 +51,26 @@ export interface CreateSandboxParams {
 export interface CreateSandboxResult {
   sandboxId: string;
   backend: Backend;
-  workspace: string;
+  /** The workspace as the sandbox's kernels see it (their working directory). */
+  sandboxWorkspace: string;
+  /** The workspace on this machine, where this machine can see it (the local backend). */
+  workspace?: string | null;
   image?: string;
+}
+
+/** Files: `path` is relative to the sandbox's workspace, content base64. */
+export interface WriteFileParams {
+  sandboxId: string;
+  path: string;
+  content: string;
+  append?: boolean;
+  mode?: number;
+}
+
+export interface ReadFileResult {
+  content: string;
+  size: number;
+  eof: boolean;
 }
 
 export interface StartKernelResult {
@@ -65,10 +87,13 @@ export interface ErrorInfo {
 /** MIME bundle: binary types are base64 strings, text types strings (or JSON for application/json). */
 export type MimeBundle = Record<string, unknown>;
 
+/** An output or display; an image is also saved in the workspace: `file` is its path there
+ * (readable with readFile), `path` its path on the daemon's machine where that machine sees it. */
 export interface Output {
   data: MimeBundle;
   metadata: Record<string, unknown>;
   path?: string | null;
+  file?: string | null;
 }
 
 export interface ExecuteResult {
@@ -131,6 +156,7 @@ export interface DisplayNotification {
   data: MimeBundle;
   metadata: Record<string, unknown>;
   path?: string | null;
+  file?: string | null;
 }
 
 export interface KernelStatusNotification {

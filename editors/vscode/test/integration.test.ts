@@ -2,13 +2,13 @@
 // LanguageClient drives it in VS Code. Each test starts and stops its own daemon.
 
 import assert from 'node:assert/strict';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import { findCells } from '../src/cells';
 import { cellLabel, imagesHtml, Transcript, type ImageView } from '../src/messages';
-import type { DisplayNotification, OutputNotification, WorkDoneProgress } from '../src/protocol';
+import { Methods, type DisplayNotification, type OutputNotification, type WorkDoneProgress, type WriteFileParams } from '../src/protocol';
 import { cellboxCapabilities, Session } from '../src/session';
 import { withDaemon } from './daemon';
 
@@ -102,7 +102,7 @@ test('two cells through the Output channel transcript: a value, then an error wi
 test('an image display becomes a panel image, with the file the daemon saved', TIMEOUT, () =>
   withDaemon(async ({ connection }) => {
     const session = new Session(connection, () => ({ backend: 'local' }));
-    const { sandbox } = await session.start();
+    const { sandbox, kernelId } = await session.start();
     let channel = '';
     const transcript = new Transcript((text) => (channel += text));
     const images: ImageView[] = [];
@@ -119,7 +119,9 @@ test('an image display becomes a panel image, with the file the daemon saved', T
     assert.equal(images.length, 1);
     const [image] = images;
     assert.deepEqual([image.mime, image.base64], ['image/png', PNG]);
-    assert.equal(image.path, join(sandbox.workspace, 'images', `${result.executionId}-1.png`));
+    // named by the kernel in the workspace's images/, never by the client's executionId
+    assert.match(image.file ?? '', new RegExp(`^images/${kernelId}-\\d+\\.png$`));
+    assert.equal(image.path, join(sandbox.workspace!, image.file!));
     assert.deepEqual(readFileSync(image.path!), Buffer.from(PNG, 'base64'));
     assert.equal(channel, `[image/png] ${image.path}\n`);
     assert.ok(imagesHtml(images).includes(`src="data:image/png;base64,${PNG}"`));
@@ -172,8 +174,13 @@ test('skill sources of a module in the workspace skills/ folder', TIMEOUT, () =>
     const session = new Session(connection, () => ({ backend: 'local' }));
     const { sandbox } = await session.start();
     const source = 'def greet(name):\n    """Greets someone."""\n    return f"hello {name}"\n';
-    mkdirSync(join(sandbox.workspace, 'skills'), { recursive: true });
-    writeFileSync(join(sandbox.workspace, 'skills', 'greetings.py'), source);
+    // through the protocol, as on a backend whose workspace this machine cannot see
+    const file: WriteFileParams = {
+      sandboxId: sandbox.sandboxId,
+      path: 'skills/greetings.py',
+      content: Buffer.from(source).toString('base64'),
+    };
+    await connection.sendRequest(Methods.writeFile, file);
     const { sources, formatted } = await session.skillSources(['greetings']);
     assert.deepEqual(sources, { greetings: source });
     assert.ok(formatted.includes(source), formatted);

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,47 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_VARIANT = "minimal"
+_EVENTS_RETRY = 1.0  # seconds before the stream of the engine's events is opened again
+
+
+class _Watcher:
+    """The engine's container events, one stream for all the daemon's sandboxes (a thread):
+    a container that stops (killed from outside, out of memory, its runtime gone) ends its
+    sandbox's channel at once, whatever its exec session does meanwhile."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._stopped: dict[str, Callable[[str], None]] = {}  # container id -> what to tell
+        self._thread: threading.Thread | None = None
+
+    def watch(self, container_id: str, stopped: Callable[[str], None]) -> None:
+        self._stopped[container_id] = stopped
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
+            self._thread.start()
+
+    def forget(self, container_id: str) -> None:
+        self._stopped.pop(container_id, None)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                for event in self._client.events(decode=True, filters={"type": "container", "event": "die"}):
+                    actor = event.get("Actor") or {}
+                    container_id = event.get("id") or actor.get("ID")
+                    if container_id in self._stopped:
+                        code = (actor.get("Attributes") or {}).get("exitCode", "?")
+                        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon left
+                            self._loop.call_soon_threadsafe(self._tell, container_id, f"exit code {code}")
+            except Exception as exc:
+                log.debug("the engine's event stream ended: %s", exc)
+            time.sleep(_EVENTS_RETRY)
+
+    def _tell(self, container_id: str, how: str) -> None:
+        stopped = self._stopped.pop(container_id, None)
+        if stopped is not None:
+            stopped(f"the sandbox's container stopped ({how})")
 
 
 class DockerBackend:
@@ -38,6 +82,7 @@ class DockerBackend:
         self._info: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
         self._variants: dict[str, asyncio.Task[t.BuildImageResult]] = {}  # checked by this daemon
+        self._watcher: _Watcher | None = None
 
     def available(self) -> bool:
         return engine.reachable()
@@ -62,9 +107,11 @@ class DockerBackend:
     async def _engine_info(self) -> dict[str, Any]:
         """The engine's `info` (what it enforces, its runtimes), asked once."""
         if self._info is None:
+            from cellboxd.backends.docker import sandbox
+
             client = await self.client()
-            info: dict[str, Any] = await asyncio.to_thread(client.info)
-            self._info = info
+            info = self._info = await asyncio.to_thread(sandbox.engine_facts, client)
+            return info
         return self._info
 
     async def create(
@@ -78,7 +125,7 @@ class DockerBackend:
         limits = sandbox.limits_of(params, settings.limits)
         sandbox.check_enforced(limits, params, info)
         sandbox.check_runtime(params, params.runtime or settings.docker_runtime, info)
-        tag, labels = await self.resolve_image(params.image, on_line)
+        tag = await self.resolve_image(params.image, on_line)
         hardening = sandbox.Hardening(
             settings.limits, settings.read_only_root, settings.tmp_size_mb, settings.docker_runtime
         )
@@ -91,25 +138,28 @@ class DockerBackend:
                 sandbox_id=sandbox_id,
                 daemon_id=self.daemon_id,
                 image=tag,
-                labels=labels,
                 params=params,
                 hardening=hardening,
                 limits=limits,
             )
         )
+        if self._watcher is None:
+            self._watcher = _Watcher(client)
         try:
             container_id = await asyncio.shield(creating)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(sandbox.remove_container, client, await creating)
             raise
-        return sandbox.DockerSandbox(sandbox_id, client, container_id, tag)
+        made = sandbox.DockerSandbox(sandbox_id, client, container_id, tag, self._watcher.forget)
+        self._watcher.watch(container_id, made.stopped)
+        return made
 
-    async def resolve_image(self, image: str | None, on_line: OnLine) -> tuple[str, dict[str, str]]:
-        """The tag to start a sandbox from, and its labels: a built-in variant is built when
-        missing, another image pulled."""
+    async def resolve_image(self, image: str | None, on_line: OnLine) -> str:
+        """The tag to start a sandbox from: a built-in variant is built when missing (or out of
+        date), another image pulled when it is not on the engine."""
         from cellboxd.backends.docker import images
-        from cellboxd.backends.docker.dependencies import VARIANTS, variant_dependencies
+        from cellboxd.backends.docker.dependencies import VARIANTS
 
         client = await self.client()
         name = image or DEFAULT_VARIANT
@@ -125,15 +175,14 @@ class DockerBackend:
             except Exception:
                 del self._variants[name]
                 raise
-        found = await asyncio.to_thread(images.find_image, client, name)
-        if found is None:
+        if await asyncio.to_thread(images.find_image, client, name) is None:
             loop = asyncio.get_running_loop()
 
             def emit(line: str) -> None:
                 loop.call_soon_threadsafe(on_line, line)
 
             try:
-                found = await asyncio.to_thread(images.pull, client, name, emit)
+                await asyncio.to_thread(images.pull, client, name, emit)
             except errors.ImageNotFound as exc:
                 raise errors.ImageNotFound(
                     f"image {name!r} is not on the engine and {exc.message}; build it with `cellbox build "
@@ -141,7 +190,7 @@ class DockerBackend:
                     f"{', '.join(VARIANTS)}",
                     {"image": name},
                 ) from None
-        return name, dict(found.labels or {})
+        return name
 
     async def build_image(self, params: t.BuildImageParams, on_line: OnLine) -> t.BuildImageResult:
         from cellboxd.backends.docker import images

@@ -145,13 +145,14 @@ def pull(client: docker.DockerClient, reference: str, on_line: Callable[[str], N
 
 
 def list_images(client: docker.DockerClient) -> list[t.ImageInfo]:
-    """Every tag of every image that carries the `cellbox.image` label, newest first."""
+    """Every tag of every image that carries the `cellbox.image` label, newest first, as it
+    was given (Podman qualifies short names: `docker.io/library/x:1`, `localhost/x:1`)."""
     found: list[t.ImageInfo] = []
     for image in client.images.list(filters={"label": IMAGE_LABEL}):
         variant = image.labels.get(LABEL_VARIANT)
         created_at = _utc_iso(image.attrs["Created"])
         found.extend(
-            t.ImageInfo(tag, image.id, created_at, variant if variant in _VARIANTS else None)
+            t.ImageInfo(_short(tag), image.id, created_at, variant if variant in _VARIANTS else None)
             for tag in image.tags
         )
     found.sort(key=lambda info: (info.created_at, info.tag), reverse=True)
@@ -476,6 +477,13 @@ class _Build:
                 info.mode = 0o644
                 tar.addfile(info, io.BytesIO(content))
         return buffer.getvalue()
+
+
+def _short(tag: str) -> str:
+    for prefix in ("docker.io/library/", "localhost/"):
+        if tag.startswith(prefix):
+            return tag[len(prefix) :]
+    return tag
 
 
 _CREATED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")

@@ -3,9 +3,9 @@
 The container runs `sleep infinity` under docker-init as the image's user (non-root in the
 images cellbox builds), with every capability dropped, no-new-privileges, memory, CPU and
 process limits (the sandbox's, else the configured defaults), and a read-only root file system.
-What it may write: `/tmp` (a tmpfs), the workspace and the packages installed at runtime (an
-engine volume each, removed with the container), and the user's `mounts` (folders of the
-engine's machine). Nothing of the daemon's machine is mounted.
+What it may write: `/tmp` (a tmpfs), the workspace, the packages installed at runtime and the
+image user's home (an engine volume each, removed with the container), and the user's `mounts`
+(folders of the engine's machine). Nothing of the daemon's machine is mounted.
 
 The agent (sandbox/agent.py) runs in it as one exec session of the engine's API, its stdin and
 stdout the sandbox's channel (engine.exec_link): kernels, commands, files and images all go
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cellbox import errors
@@ -26,7 +27,7 @@ from cellbox import types as t
 from cellboxd import channel as ch
 from cellboxd.backends.base import SandboxRuntime
 from cellboxd.backends.docker import engine
-from cellboxd.backends.docker.images import HOME, LABEL_GID, LABEL_UID, PACKAGES, PYTHON, WORKSPACE
+from cellboxd.backends.docker.images import HOME, PACKAGES, PYTHON, WORKSPACE
 from cellboxd.config import DefaultLimits
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ LABEL_DAEMON = "cellbox.daemon"
 LABEL_DAEMON_PID = "cellbox.daemon.pid"
 LABEL_HOST = "cellbox.daemon.host"
 
-_HOME_MB = 64  # of the tmpfs that is the image user's home, where the root file system is read-only
 # what the engine's info says it can enforce, by the field of `limits`
 _ENFORCED = {"memory_mb": "MemoryLimit", "cpus": "CpuCfsQuota", "pids": "PidsLimit"}
 _FIELDS = {"memory_mb": "memoryMb", "cpus": "cpus", "pids": "pids"}
@@ -66,18 +66,33 @@ def limits_of(params: t.CreateSandboxParams, defaults: DefaultLimits) -> dict[st
     return {field: value for field, value in chosen.items() if value}
 
 
+def engine_facts(client: docker.DockerClient) -> dict[str, Any]:
+    """The engine's `info`, corrected where it claims to enforce limits it cannot: a rootless
+    engine on cgroup v1 (rootless Docker says so in its security options, rootless Podman in
+    its own API only) drops them with no more than a warning that clients never see. Blocks."""
+    info: dict[str, Any] = client.info()
+    rootless = any("name=rootless" in option for option in info.get("SecurityOptions") or [])
+    components = [c.get("Name", "") for c in client.version().get("Components") or []]
+    if not rootless and "Podman Engine" in components:
+        libpod = client.api._result(client.api._get(client.api.base_url + "/v4.0.0/libpod/info"), json=True)
+        rootless = bool(libpod.get("host", {}).get("security", {}).get("rootless"))
+    if rootless and str(info.get("CgroupVersion")) == "1":
+        info.update({key: False for key in _ENFORCED.values()})
+        info["LimitsWhy"] = "a rootless engine on cgroup v1 ignores resource limits"
+    return info
+
+
 def check_enforced(limits: dict[str, float], params: t.CreateSandboxParams, info: dict[str, Any]) -> None:
     """Refuses a limit the engine cannot enforce, rather than let it be dropped in silence."""
     for field, value in limits.items():
         if info.get(_ENFORCED[field]) is False:
             asked = params.limits is not None and getattr(params.limits, field) is not None
-            where = (
-                f"`limits.{_FIELDS[field]}`" if asked else f"the default limit `limits.{field}` of the config"
-            )
+            where = f"`limits.{_FIELDS[field]}`" if asked else f"the default `limits.{field}` of the config"
+            why = info.get("LimitsWhy") or f"its info says {_ENFORCED[field]}: false"
+            fix = "leave it out" if asked else f"set `limits.{field} = 0` in the config to run without it"
             raise errors.InvalidParams(
-                f"Invalid params: {where} ({value:g}) cannot be enforced by the engine at {engine.host()}, "
-                f"whose info says {_ENFORCED[field]}: false (rootless Podman on cgroup v1 is one such); "
-                + ("leave it out" if asked else f"set `limits.{field} = 0` in the config to run without it")
+                f"Invalid params: {where} ({value:g}) cannot be enforced by the engine at {engine.host()}: "
+                f"{why}; {fix}"
             )
 
 
@@ -96,7 +111,6 @@ def create_container(
     sandbox_id: str,
     daemon_id: str,
     image: str,
-    labels: dict[str, str],
     params: t.CreateSandboxParams,
     hardening: Hardening,
     limits: dict[str, float],
@@ -107,16 +121,11 @@ def create_container(
 
     api = client.api
     tmpfs = {"/tmp": f"rw,nosuid,nodev,exec,size={hardening.tmp_size_mb}m,mode=1777"}
-    if hardening.read_only_root:
-        owner = (
-            f",uid={labels[LABEL_UID]},gid={labels[LABEL_GID]},mode=0700"
-            if LABEL_UID in labels
-            else ",mode=1777"
-        )
-        tmpfs[HOME] = f"rw,nosuid,nodev,size={_HOME_MB}m{owner}"
+    # volumes of their own, removed with the container; each starts as the image's folder,
+    # owner included (a tmpfs would not: Docker drops its mode=, Podman refuses its uid=)
+    writable = [WORKSPACE, PACKAGES, *([HOME] if hardening.read_only_root else [])]
     mounts = [
-        docker.types.Mount(WORKSPACE, None, type="volume"),
-        docker.types.Mount(PACKAGES, None, type="volume"),
+        *(docker.types.Mount(target, None, type="volume") for target in writable),
         *(docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in params.mounts),
     ]
     kwargs: dict[str, Any] = {}
@@ -185,6 +194,18 @@ def _about_limits(warning: str) -> bool:
     return "discarded" in text or "ignored" in text
 
 
+def container_state(client: docker.DockerClient, container_id: str) -> str:
+    """The container's state ("running", "exited"...), or "removed"; blocks."""
+    import docker.errors
+
+    try:
+        return str(client.api.inspect_container(container_id)["State"].get("Status", "unknown"))
+    except docker.errors.NotFound:
+        return "removed"
+    except docker.errors.APIError as exc:
+        return f"unknown: {exc.explanation or exc}"
+
+
 def remove_container(client: docker.DockerClient, container_id: str) -> None:
     """Removes a container and its volumes (the workspace, the packages); blocks."""
     import docker.errors
@@ -197,25 +218,46 @@ class DockerSandbox(SandboxRuntime):
     sandbox_workspace = WORKSPACE
     python = PYTHON
 
-    def __init__(self, sandbox_id: str, client: docker.DockerClient, container_id: str, image: str) -> None:
+    def __init__(
+        self,
+        sandbox_id: str,
+        client: docker.DockerClient,
+        container_id: str,
+        image: str,
+        unwatch: Callable[[str], None],
+    ) -> None:
         super().__init__(sandbox_id)
         self._client = client
         self.container_id = container_id
         self._image = image
+        self._unwatch = unwatch
+        self._stopped: str | None = None  # why the container is gone, once the engine said so
+
+    def stopped(self, why: str) -> None:
+        """The engine says the container stopped: its agent, kernels and commands are gone."""
+        self._stopped = why
+        if self._channel is not None:
+            self._channel.lost(why)
 
     @property
     def image(self) -> str:
         return self._image
 
     async def _connect(self, channel: ch.Channel) -> None:
+        if self._stopped is not None:
+            raise ch.ChannelClosed(f"{self._stopped}: the sandbox's container is not running")
         program = ch.program(WORKSPACE)
         try:
             link = await engine.exec_link(
                 self._client, self.container_id, ch.command(PYTHON, program), channel
             )
         except engine.ExecFailed as exc:
+            state = await asyncio.to_thread(container_state, self._client, self.container_id)
+            if state != "running":  # engines word it each their own way
+                raise ch.ChannelClosed(f"the sandbox's container is not running ({state})") from None
             raise ch.ChannelClosed(f"cannot start the agent in the sandbox's container: {exc}") from None
         await channel.start(link, program)
 
     async def _remove(self) -> None:
+        self._unwatch(self.container_id)
         await asyncio.to_thread(remove_container, self._client, self.container_id)

@@ -153,7 +153,7 @@ local handlers = {
   end,
   ["cellbox/display"] = function(_, params)
     enter(params.executionId)
-    append_lines(cells.display_lines(params.data, params.path))
+    append_lines(cells.display_lines(params.data, params.path or params.file))
   end,
   ["cellbox/kernelStatus"] = function(_, params)
     state.kernel_state = params.state
