@@ -6,8 +6,6 @@
 4. run code that uses the skill and the package, streaming its output live.
 """
 
-from pathlib import Path
-
 from cellbox import Client
 
 SKILL = '''"""Notes kept in a small JSON database."""
@@ -23,7 +21,7 @@ def remember(path: str, text: str) -> int:
 '''
 
 with Client() as client, client.create_sandbox(env={"NOTES_OWNER": "quickstart"}) as sandbox:
-    Path(sandbox.workspace, "skills", "notes.py").write_text(SKILL)
+    sandbox.write_file("skills/notes.py", SKILL)  # through the protocol: any backend, any engine
     print(sandbox.skill_sources(["notes"]).formatted)
 
     installed = sandbox.install(["tinydb"], on_progress=lambda line: None)

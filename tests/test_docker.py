@@ -529,3 +529,26 @@ def test_ps_lists_sandboxes_and_prune_removes_orphans(eng: Engine, client: docke
     removed = _cellbox("prune").stdout.split()
     assert local in removed and container in removed
     assert _containers(client, container) == []
+
+
+def test_a_sweep_takes_only_the_orphans_of_its_own_engine(cellbox_home: Path) -> None:
+    """A killed daemon's container on one engine is left alone by a daemon on another engine
+    (whose sweep could not remove it, and must not forget it), and removed by one on its own."""
+    local, remote = engine("local"), engine("tcp")
+    d = Daemon(env=remote.env)
+    sandbox = d.request("cellbox/createSandbox", {"backend": "docker"}, timeout=600)["sandboxId"]
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    folder = cellbox_home / "data" / "sandboxes" / sandbox
+    with Daemon(env=local.env) as other:
+        other.request("cellbox/createSandbox", {})  # waits for its sweep
+        assert folder.is_dir()
+    client = remote.client()
+    assert len(_containers(client, sandbox)) == 1
+    with Daemon(env=remote.env) as successor:
+        successor.request("cellbox/createSandbox", {})
+        assert not folder.exists()
+        deadline = time.monotonic() + 30
+        while _containers(client, sandbox) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert _containers(client, sandbox) == []

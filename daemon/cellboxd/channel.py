@@ -52,6 +52,64 @@ class Link(Protocol):
     def close(self) -> None: ...
 
 
+class TransportLink:
+    """A link's writing and flow control over asyncio transports: it writes to one and pauses
+    reading another (the same one for a socket)."""
+
+    def _writing(self) -> asyncio.WriteTransport | None:
+        raise NotImplementedError
+
+    def _reading(self) -> asyncio.ReadTransport | None:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        if (transport := self._writing()) is not None and not transport.is_closing():
+            transport.write(data)
+
+    def pause_reading(self) -> None:
+        if (transport := self._reading()) is not None:
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if (transport := self._reading()) is not None:
+            transport.resume_reading()
+
+
+class ChildLink(TransportLink, asyncio.SubprocessProtocol):
+    """A link over a child process's stdin and stdout; `received` gets its stdout, `complained`
+    its stderr."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.received(data)
+        else:
+            self.complained(data)
+
+    def received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def complained(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _pipe(self, fd: int) -> Any:
+        return None if self._transport is None else self._transport.get_pipe_transport(fd)
+
+    def _writing(self) -> asyncio.WriteTransport | None:
+        pipe: asyncio.WriteTransport | None = self._pipe(0)
+        return pipe
+
+    def _reading(self) -> asyncio.ReadTransport | None:
+        pipe: asyncio.ReadTransport | None = self._pipe(1)
+        return pipe
+
+
 class ChannelClosed(Exception):
     """The agent is gone (the sandbox's container stopped, a cell killed it, it misbehaved)."""
 
@@ -117,11 +175,11 @@ class KernelPort:
     def __init__(self, channel: Channel, slot: int) -> None:
         self.slot = slot
         self._channel = channel
-        self._queue: collections.deque[tuple[int, list[bytes], int]] = collections.deque()
+        self._queue: collections.deque[tuple[int, list[memoryview], int]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self.exited: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
 
-    def _put(self, channel: int, parts: list[bytes], size: int) -> None:
+    def _put(self, channel: int, parts: list[memoryview], size: int) -> None:
         self._queue.append((channel, parts, size))
         self._wake()
 
@@ -134,7 +192,7 @@ class KernelPort:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def get(self) -> tuple[int, list[bytes]] | None:
+    async def get(self) -> tuple[int, list[memoryview]] | None:
         """The next message (its channel and parts); None once the process has ended and every
         message it sent has been taken."""
         while not self._queue:
@@ -290,7 +348,7 @@ class Channel:
             if not run.done.done():
                 run.done.set_exception(ChannelClosed(why))
 
-    def _dispatch(self, kind: int, ident: int, payload: bytes) -> None:
+    def _dispatch(self, kind: int, ident: int, payload: bytes | memoryview) -> None:
         if kind == wire.KERNEL:
             channel, parts = wire.split_kernel(payload)
             port = self._ports.get(ident)

@@ -289,7 +289,8 @@ def _prune(args: argparse.Namespace) -> int:
     from cellboxd import inventory
 
     resolved, backends = _backends()
-    removed = list(inventory.remove_orphan_folders(resolved.sandboxes_path, resolved.runtime_path))
+    places: dict[str, str] = {backend.name: backend.place for backend in backends.values()}
+    removed = list(inventory.remove_orphan_folders(resolved.sandboxes_path, resolved.runtime_path, places))
     for backend in backends.values():
         removed += asyncio.run(backend.remove_orphans())
     for sandbox_id in dict.fromkeys(removed):
@@ -394,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
         "environment with ipykernel and the dependencies, and a non-root user `cellbox` with your\n"
         "UID. The dependency file has the lines of Poetry's [tool.poetry.dependencies] table\n"
         '(`pandas = "^2.2"`, `python = "^3.11"`). An image with the same inputs under the tag is\n'
-        "kept, not rebuilt. The base image must be on the engine already: cellbox never pulls.\n"
+        "kept, not rebuilt. A base image the engine does not have is pulled, with progress.\n"
         "Prints `TAG IMAGE_ID built` (or `up to date`); on failure the build's log goes to stderr.",
         "examples:\n"
         "  cellbox build\n"

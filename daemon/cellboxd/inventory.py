@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -24,10 +25,12 @@ OWNER_FILE = "owner.json"
 
 
 class Owner(msgspec.Struct):
-    """Who made a sandbox folder: written into it when the sandbox is created."""
+    """Who made a sandbox folder, and where its sandbox is (a backend's `place`, e.g. the Docker
+    engine): written into it when the sandbox is created."""
 
     pid: int
     backend: str
+    place: str = ""
 
 
 class Entry(msgspec.Struct):
@@ -39,8 +42,8 @@ class Entry(msgspec.Struct):
     image: str | None = None
 
 
-def claim(root: Path, backend: str) -> None:
-    (root / OWNER_FILE).write_bytes(msgspec.json.encode(Owner(os.getpid(), backend)))
+def claim(root: Path, backend: str, place: str) -> None:
+    (root / OWNER_FILE).write_bytes(msgspec.json.encode(Owner(os.getpid(), backend, place)))
 
 
 def _owner(root: Path) -> Owner | None:
@@ -72,12 +75,16 @@ def local_sandboxes(sandboxes_dir: Path) -> list[Entry]:
     return entries
 
 
-def remove_orphan_folders(sandboxes_dir: Path, runtime_dir: Path) -> dict[str, str]:
-    """Removes the sandbox folders, of every backend, whose daemon is gone, with the folder of
-    each in the runtime dir (a local agent's sockets); the backend of each, by sandbox id."""
+def remove_orphan_folders(
+    sandboxes_dir: Path, runtime_dir: Path, places: Mapping[str, str]
+) -> dict[str, str]:
+    """Removes the sandbox folders whose daemon is gone, with the folder of each in the runtime
+    dir (a local agent's sockets); the backend of each, by sandbox id. Only those of the
+    `places` (backend -> place) are taken: a folder whose sandbox is on another engine is left
+    for a daemon that uses that engine, which can remove the rest too."""
     removed = {}
     for root, owner in _folders(sandboxes_dir):
-        if not pid_alive(owner.pid):
+        if places.get(owner.backend) == owner.place and not pid_alive(owner.pid):
             log.info("removing %s, left by daemon %d", root, owner.pid)
             shutil.rmtree(runtime_dir / root.name, ignore_errors=True)
             shutil.rmtree(root, ignore_errors=True)

@@ -54,33 +54,40 @@ CREDITS_AHEAD = 8
 _BOUNDED_STREAMS = """\
 def _cellbox_bound(path, limit={limit}, ahead={ahead}):
     import os as _o, sys as _s
-    fd = [None, ahead, 0]  # the FIFO, credits in hand, characters since the last credit
+    fifo, credits, since = None, ahead, 0  # the FIFO, credits in hand, characters since the last
     if path:
         try:
-            fd[0] = _o.open(path, _o.O_RDONLY | _o.O_NONBLOCK)
-            _o.set_blocking(fd[0], True)
+            fifo = _o.open(path, _o.O_RDONLY | _o.O_NONBLOCK)
+            _o.set_blocking(fifo, True)
         except OSError:
             pass
     def credit():
-        if fd[1]:
-            fd[1] -= 1
-        elif fd[0] is not None and not _o.read(fd[0], 1):
-            _o.close(fd[0])
-            fd[0] = None
+        nonlocal fifo, credits
+        if credits:
+            credits -= 1
+        elif fifo is not None and not _o.read(fifo, 1):
+            _o.close(fifo)
+            fifo = None
     def bound(stream):
-        write = stream.write
+        write, flush = stream.write, stream.flush
         if getattr(write, "_cellbox", False):
             return
         def bounded(text):
-            for start in range(0, max(len(text), 1), limit):
+            nonlocal since
+            size = len(text)
+            if since + size < limit:  # the common case: one comparison more than a plain write
+                since += size
+                write(text)
+                return size
+            for start in range(0, max(size, 1), limit):
                 piece = text[start : start + limit]
                 write(piece)
-                fd[2] += len(piece)
-                while fd[2] >= limit:
-                    fd[2] -= limit
-                    stream.flush()
+                since += len(piece)
+                while since >= limit:
+                    since -= limit
+                    flush()
                     credit()
-            return len(text)
+            return size
         bounded._cellbox = True
         stream.write = bounded
     def bound_both(*_):
@@ -463,11 +470,10 @@ class Kernel:
             self._notify(methods.KERNEL_STATUS, t.KernelStatusNotification(self.kernel_id, state))
 
     async def _read(self, process: _Process) -> None:
-        auth = process.session.auth
         while (item := await process.port.get()) is not None:
             channel, frames = item
             try:
-                msg = decode(frames, auth)
+                msg = decode(frames)
             except ValueError as exc:  # msgspec.DecodeError is one
                 log.warning("kernel %s: ignored a message: %s", self.kernel_id, exc)
                 continue

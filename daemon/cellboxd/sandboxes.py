@@ -74,8 +74,12 @@ class SandboxManager:
         folders and, through their backends, the rest (only then is a backend's SDK loaded)."""
 
         async def sweep() -> None:
+            places: dict[str, str] = {backend.name: backend.place for backend in self._backends.values()}
             removed = await asyncio.to_thread(
-                inventory.remove_orphan_folders, self._resolved.sandboxes_path, self._resolved.runtime_path
+                inventory.remove_orphan_folders,
+                self._resolved.sandboxes_path,
+                self._resolved.runtime_path,
+                places,
             )
             for backend in self._backends.values():
                 if backend.name in removed.values():
@@ -112,7 +116,7 @@ class SandboxManager:
         sandbox_id = "sb-" + secrets.token_hex(6)
         root = self._resolved.sandboxes_path / sandbox_id
         root.mkdir(parents=True)
-        inventory.claim(root, backend.name)
+        inventory.claim(root, backend.name, backend.place)
         try:
             runtime = await backend.create(sandbox_id, root, params, on_line)
         except BaseException:

@@ -112,6 +112,12 @@ class Backend(Protocol):
 
     name: t.Backend
 
+    @property
+    def place(self) -> str:
+        """Where its sandboxes are (the Docker engine's address; "" for this machine), so that
+        a sweep of orphans takes only those it can remove."""
+        ...
+
     def available(self) -> bool:
         """Whether sandboxes can be made now (a quick look, for `initialize`)."""
         ...

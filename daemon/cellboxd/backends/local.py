@@ -21,7 +21,6 @@ import sys
 import sysconfig
 import venv
 from pathlib import Path
-from typing import Any
 
 from cellbox import errors
 from cellbox import types as t
@@ -45,6 +44,10 @@ class LocalBackend:
 
     def __init__(self, resolved: Resolved) -> None:
         self._resolved = resolved
+
+    @property
+    def place(self) -> str:
+        return ""
 
     def available(self) -> bool:
         return True
@@ -157,23 +160,19 @@ class LocalSandbox(SandboxRuntime):
         await asyncio.to_thread(shutil.rmtree, self._folder, ignore_errors=True)
 
 
-class _AgentProcess(asyncio.SubprocessProtocol):
+class _AgentProcess(ch.ChildLink):
     """The agent as a child process: the channel's link over its stdin and stdout."""
 
     def __init__(self, channel: ch.Channel) -> None:
+        super().__init__()
         self._channel = channel
-        self._transport: asyncio.SubprocessTransport | None = None
         self._exited = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self._transport = transport
+    def received(self, data: bytes) -> None:
+        self._channel.feed(data)
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1:
-            self._channel.feed(data)
-        else:
-            self._channel.complain(data)
+    def complained(self, data: bytes) -> None:
+        self._channel.complain(data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1:
@@ -184,21 +183,6 @@ class _AgentProcess(asyncio.SubprocessProtocol):
         self._channel.lost(f"the agent exited with code {code}")
         if not self._exited.done():
             self._exited.set_result(None)
-
-    def _pipe(self, fd: int) -> Any:
-        return None if self._transport is None else self._transport.get_pipe_transport(fd)
-
-    def write(self, data: bytes) -> None:
-        if (pipe := self._pipe(0)) is not None and not pipe.is_closing():
-            pipe.write(data)
-
-    def pause_reading(self) -> None:
-        if (pipe := self._pipe(1)) is not None:
-            pipe.pause_reading()
-
-    def resume_reading(self) -> None:
-        if (pipe := self._pipe(1)) is not None:
-            pipe.resume_reading()
 
     def close(self) -> None:
         """Ends the agent's stdin: it stops its kernels and exits."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from cellboxd.sandbox import files, wire
 HIGH_WATER = 4 << 20  # bytes waiting for the channel before kernels and commands are not read
 TAIL = 16 << 10  # bytes of a kernel's own output kept for the daemon's error messages
 _BATCH = 64  # messages taken from one socket per turn, so that one kernel cannot starve others
+_IOV = 64  # pieces written in one writev
 _READ = 1 << 20
 _PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4}
 
@@ -103,7 +105,7 @@ class Agent:
         self.context = zmq.Context()
         self.poller = zmq.Poller()
         self.parser = wire.Parser()
-        self.out: collections.deque[bytes] = collections.deque()
+        self.out: collections.deque[bytes | memoryview] = collections.deque()
         self.out_size = 0
         self.writing = False  # polling stdout for room
         self.paused = False
@@ -204,18 +206,20 @@ class Agent:
     def event(self, obj: dict[str, Any], blob: bytes = b"") -> None:
         self.send(wire.json_frame(wire.EVENT, 0, obj, blob))
 
-    def send(self, data: bytes) -> None:
-        self.out.append(data)
-        self.out_size += len(data)
+    def send(self, *pieces: bytes | memoryview) -> None:
+        """Queues what goes out; the pieces of a frame go out one after the other, not joined."""
+        for piece in pieces:
+            self.out.append(piece)
+            self.out_size += len(piece)
         if self.out_size > HIGH_WATER and not self.paused:
             self.paused = True
-            for item in [*self.sockets, *self._pipes()]:
+            for item in [*self.sockets, *self.readers]:
                 self.poller.unregister(item)
 
     def flush(self) -> None:
         while self.out:
             try:
-                written = os.writev(1, list(self.out)[:64])
+                written = os.writev(1, list(itertools.islice(self.out, _IOV)))
             except BlockingIOError:
                 break
             except BrokenPipeError:
@@ -229,7 +233,7 @@ class Agent:
                     written -= len(head)
                     self.out.popleft()
                 else:
-                    self.out[0] = head[written:]
+                    self.out[0] = memoryview(head)[written:]
                     written = 0
         if self.out and not self.writing:
             self.writing = True
@@ -239,13 +243,8 @@ class Agent:
             self.poller.unregister(1)
         if self.paused and self.out_size < HIGH_WATER // 2:
             self.paused = False
-            for item in self.sockets:
+            for item in [*self.sockets, *self.readers]:
                 self.poller.register(item, zmq.POLLIN)
-            for fd in self._pipes():
-                self.poller.register(fd, zmq.POLLIN)
-
-    def _pipes(self) -> list[int]:
-        return [fd for fd in self.readers]
 
     # -- kernels ----------------------------------------------------------------------------
 
@@ -326,7 +325,7 @@ class Agent:
                 parts = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.send(wire.kernel_frame(slot, channel, parts))
+            self.send(*wire.kernel_pieces(slot, channel, parts))
             if self.paused:
                 return
 
@@ -344,7 +343,7 @@ class Agent:
                     parts = socket.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self.send(wire.kernel_frame(slot, channel, parts))
+                self.send(*wire.kernel_pieces(slot, channel, parts))
             if socket in self.sockets:
                 del self.sockets[socket]
                 if not self.paused:

@@ -42,7 +42,8 @@ def json_frame(kind: int, ident: int, obj: Any, blob: bytes = b"") -> bytes:
     return b"".join((_HEAD.pack(9 + len(body) + len(blob), kind, ident), _U32.pack(len(body)), body, blob))
 
 
-def kernel_frame(slot: int, channel: int, parts: list[bytes]) -> bytes:
+def kernel_pieces(slot: int, channel: int, parts: list[bytes]) -> list[bytes]:
+    """A KERNEL frame as the pieces to write one after the other, the parts not copied."""
     pieces = [b""]
     size = 6
     for part in parts:
@@ -50,14 +51,18 @@ def kernel_frame(slot: int, channel: int, parts: list[bytes]) -> bytes:
         pieces.append(part)
         size += 4 + len(part)
     pieces[0] = _KERNEL_HEAD.pack(size, KERNEL, slot, channel)
-    return b"".join(pieces)
+    return pieces
+
+
+def kernel_frame(slot: int, channel: int, parts: list[bytes]) -> bytes:
+    return b"".join(kernel_pieces(slot, channel, parts))
 
 
 def credit_frame(slot: int, count: int) -> bytes:
     return frame(CREDIT, slot, _U32.pack(count))
 
 
-def split_json(payload: bytes) -> tuple[Any, bytes]:
+def split_json(payload: bytes | memoryview) -> tuple[Any, bytes]:
     """A CALL, REPLY or EVENT payload: its JSON and its blob."""
     if len(payload) < 4:
         raise FrameError("a JSON frame shorter than its length field")
@@ -65,18 +70,19 @@ def split_json(payload: bytes) -> tuple[Any, bytes]:
     if 4 + size > len(payload):
         raise FrameError("a JSON frame shorter than its JSON")
     try:
-        obj = json.loads(payload[4 : 4 + size])
+        obj = json.loads(bytes(payload[4 : 4 + size]))
     except ValueError as exc:
         raise FrameError(f"bad JSON in a frame: {exc}") from None
-    return obj, payload[4 + size :]
+    return obj, bytes(payload[4 + size :])
 
 
-def split_kernel(payload: bytes) -> tuple[int, list[bytes]]:
-    """A KERNEL payload: its channel and the parts of its message."""
+def split_kernel(payload: bytes | memoryview) -> tuple[int, list[memoryview]]:
+    """A KERNEL payload: its channel and the parts of its message, views into the payload."""
     if not payload:
         raise FrameError("an empty kernel frame")
+    view = memoryview(payload)
     channel = payload[0]
-    parts: list[bytes] = []
+    parts: list[memoryview] = []
     offset, end = 1, len(payload)
     while offset < end:
         if offset + 4 > end:
@@ -85,42 +91,60 @@ def split_kernel(payload: bytes) -> tuple[int, list[bytes]]:
         offset += 4
         if offset + size > end:
             raise FrameError("a kernel frame shorter than its parts")
-        parts.append(payload[offset : offset + size])
+        parts.append(view[offset : offset + size])
         offset += size
     return channel, parts
 
 
-def split_count(payload: bytes) -> int:
+def split_count(payload: bytes | memoryview) -> int:
     if len(payload) != 4:
         raise FrameError("a credit frame that is not 4 bytes")
     return int(_U32.unpack(payload)[0])
 
 
 class Parser:
-    """Cuts a byte stream into frames: `feed` returns the (type, id, payload) of those complete."""
+    """Cuts a byte stream into frames: `feed` returns the (type, id, payload) of those complete.
+
+    A large frame that comes in many pieces is kept as the pieces and joined once, when the
+    last one is in, its payload a view of that: a 1 MiB message is copied once, not once per
+    piece read.
+    """
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # what is not a whole frame yet
+        self._pieces: list[bytes | memoryview] = []  # a large frame, as it came
+        self._needed = 0  # bytes the large frame still needs
         self._max = max_frame
 
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes | memoryview]]:
+        frames: list[tuple[int, int, bytes | memoryview]] = []
+        if self._needed:
+            if len(data) < self._needed:
+                self._pieces.append(data)
+                self._needed -= len(data)
+                return frames
+            view = memoryview(data)
+            self._pieces.append(view[: self._needed])
+            data = view[self._needed :]  # type: ignore[assignment]
+            whole = b"".join(self._pieces)
+            self._pieces, self._needed = [], 0
+            _, kind, ident = _HEAD.unpack_from(whole)
+            frames.append((kind, ident, memoryview(whole)[9:]))
         buffer = self._buffer
         buffer += data
-        frames: list[tuple[int, int, bytes]] = []
         start, end = 0, len(buffer)
         while end - start >= 9:
             size, kind, ident = _HEAD.unpack_from(buffer, start)
             if size < 5 or size > self._max:
                 raise FrameError(f"a frame of {size} bytes (at most {self._max})")
             if end - start < 4 + size:
+                if size > 1 << 16:  # a large frame begun: the rest is kept as it comes
+                    self._pieces = [bytes(buffer[start:])]
+                    self._needed = 4 + size - (end - start)
+                    start = end
                 break
             frames.append((kind, ident, bytes(buffer[start + 9 : start + 4 + size])))
             start += 4 + size
         if start:
             del buffer[:start]
         return frames
-
-    @property
-    def pending(self) -> int:
-        """Bytes received of a frame not complete yet."""
-        return len(self._buffer)

@@ -84,6 +84,10 @@ class DockerBackend:
         self._variants: dict[str, asyncio.Task[t.BuildImageResult]] = {}  # checked by this daemon
         self._watcher: _Watcher | None = None
 
+    @property
+    def place(self) -> str:
+        return engine.host()
+
     def available(self) -> bool:
         return engine.reachable()
 

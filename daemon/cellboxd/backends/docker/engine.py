@@ -21,7 +21,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cellbox import errors
 from cellboxd import channel as ch
@@ -111,10 +111,11 @@ class ExecFailed(Exception):
 
 class _Stream:
     """The bytes of an exec session: the engine's HTTP answer, then its stream framing, whose
-    stdout goes to the channel and stderr to the log."""
+    stdout goes to the channel and stderr to the log; `ended` is told when it ends, and why."""
 
-    def __init__(self, channel: ch.Channel) -> None:
+    def __init__(self, channel: ch.Channel, ended: Callable[[str], None]) -> None:
         self.channel = channel
+        self._ended = ended
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._head = bytearray()
         self._buffer = bytearray()
@@ -157,7 +158,7 @@ class _Stream:
     def ended(self, why: str) -> None:
         if not self.started.done():
             self.started.set_exception(ExecFailed(why))
-        self.channel.lost(why)
+        self._ended(why)
 
 
 def _http_error(status: list[bytes], body: bytes) -> str:
@@ -167,7 +168,7 @@ def _http_error(status: list[bytes], body: bytes) -> str:
     return f"{b' '.join(status[1:]).decode(errors='replace')}: {text}"
 
 
-class _SocketLink(asyncio.Protocol):
+class _SocketLink(ch.TransportLink, asyncio.Protocol):
     """An exec session over a socket to the engine (unix, tcp, tls)."""
 
     def __init__(self, stream: _Stream) -> None:
@@ -184,58 +185,33 @@ class _SocketLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stream.ended("the engine ended the agent's exec session" + (f": {exc}" if exc else ""))
 
-    def write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+    def _writing(self) -> asyncio.WriteTransport | None:
+        return self._transport
 
-    def pause_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
+    def _reading(self) -> asyncio.ReadTransport | None:
+        return self._transport
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
 
-class _SshLink(asyncio.SubprocessProtocol):
+class _SshLink(ch.ChildLink):
     """An exec session through `ssh HOST docker system dial-stdio`, as the docker CLI reaches an
     ssh:// engine."""
 
     def __init__(self, stream: _Stream) -> None:
+        super().__init__()
         self._stream = stream
-        self._transport: asyncio.SubprocessTransport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self._transport = transport
+    def received(self, data: bytes) -> None:
+        self._stream.received(data)
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1:
-            self._stream.received(data)
-        else:
-            log.debug("ssh: %s", data.decode(errors="replace").rstrip())
+    def complained(self, data: bytes) -> None:
+        log.debug("ssh: %s", data.decode(errors="replace").rstrip())
 
     def process_exited(self) -> None:
         self._stream.ended("the ssh connection to the engine ended")
-
-    def _pipe(self, fd: int) -> Any:
-        return None if self._transport is None else self._transport.get_pipe_transport(fd)
-
-    def write(self, data: bytes) -> None:
-        if (pipe := self._pipe(0)) is not None and not pipe.is_closing():
-            pipe.write(data)
-
-    def pause_reading(self) -> None:
-        if (pipe := self._pipe(1)) is not None:
-            pipe.pause_reading()
-
-    def resume_reading(self) -> None:
-        if (pipe := self._pipe(1)) is not None:
-            pipe.resume_reading()
 
     def close(self) -> None:
         if self._transport is not None:
@@ -288,9 +264,14 @@ def _tls_context() -> ssl.SSLContext:
 
 
 async def exec_link(
-    client: docker.DockerClient, container_id: str, argv: list[str], channel: ch.Channel
+    client: docker.DockerClient,
+    container_id: str,
+    argv: list[str],
+    channel: ch.Channel,
+    ended: Callable[[str], None],
 ) -> ch.Link:
-    """Starts `argv` in the container, attached: a link whose stdout goes to `channel`.
+    """Starts `argv` in the container, attached: a link whose stdout goes to `channel`; `ended`
+    is told when the session ends, and why.
 
     The exec is created through the SDK; its start is the daemon's own HTTP request on a new
     connection, which the engine then hands over to the process's stdin and output.
@@ -305,7 +286,7 @@ async def exec_link(
         )["Id"]
     except docker.errors.APIError as exc:
         raise ExecFailed(str(exc.explanation or exc)) from None
-    stream = _Stream(channel)
+    stream = _Stream(channel, ended)
     is_ssh = host().startswith("ssh://")
     try:
         link = await _open(lambda: _SshLink(stream) if is_ssh else _SocketLink(stream))

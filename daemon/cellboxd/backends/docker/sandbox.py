@@ -40,6 +40,7 @@ LABEL_DAEMON = "cellbox.daemon"
 LABEL_DAEMON_PID = "cellbox.daemon.pid"
 LABEL_HOST = "cellbox.daemon.host"
 
+_STOP_CHECKS, _STOP_CHECK_EVERY = 5, 0.2  # how long an ended exec session waits to learn why
 # what the engine's info says it can enforce, by the field of `limits`
 _ENFORCED = {"memory_mb": "MemoryLimit", "cpus": "CpuCfsQuota", "pids": "PidsLimit"}
 _FIELDS = {"memory_mb": "memoryMb", "cpus": "cpus", "pids": "pids"}
@@ -195,15 +196,21 @@ def _about_limits(warning: str) -> bool:
 
 
 def container_state(client: docker.DockerClient, container_id: str) -> str:
-    """The container's state ("running", "exited"...), or "removed"; blocks."""
+    """ "running", or how the container is not: "exited, exit code 137, out of memory",
+    "removed"...; blocks."""
     import docker.errors
 
     try:
-        return str(client.api.inspect_container(container_id)["State"].get("Status", "unknown"))
+        state = client.api.inspect_container(container_id)["State"]
     except docker.errors.NotFound:
         return "removed"
     except docker.errors.APIError as exc:
         return f"unknown: {exc.explanation or exc}"
+    status = str(state.get("Status", "unknown"))
+    if status == "running":
+        return status
+    details = [status, *([f"exit code {state['ExitCode']}"] if state.get("ExitCode") is not None else [])]
+    return ", ".join([*details, *(["out of memory"] if state.get("OOMKilled") else [])])
 
 
 def remove_container(client: docker.DockerClient, container_id: str) -> None:
@@ -232,6 +239,7 @@ class DockerSandbox(SandboxRuntime):
         self._image = image
         self._unwatch = unwatch
         self._stopped: str | None = None  # why the container is gone, once the engine said so
+        self._explaining: set[asyncio.Task[None]] = set()
 
     def stopped(self, why: str) -> None:
         """The engine says the container stopped: its agent, kernels and commands are gone."""
@@ -247,9 +255,15 @@ class DockerSandbox(SandboxRuntime):
         if self._stopped is not None:
             raise ch.ChannelClosed(f"{self._stopped}: the sandbox's container is not running")
         program = ch.program(WORKSPACE)
+
+        def ended(why: str) -> None:
+            task = asyncio.ensure_future(self._explain(channel, why))
+            self._explaining.add(task)
+            task.add_done_callback(self._explaining.discard)
+
         try:
             link = await engine.exec_link(
-                self._client, self.container_id, ch.command(PYTHON, program), channel
+                self._client, self.container_id, ch.command(PYTHON, program), channel, ended
             )
         except engine.ExecFailed as exc:
             state = await asyncio.to_thread(container_state, self._client, self.container_id)
@@ -257,6 +271,19 @@ class DockerSandbox(SandboxRuntime):
                 raise ch.ChannelClosed(f"the sandbox's container is not running ({state})") from None
             raise ch.ChannelClosed(f"cannot start the agent in the sandbox's container: {exc}") from None
         await channel.start(link, program)
+
+    async def _explain(self, channel: ch.Channel, why: str) -> None:
+        """Ends the channel of an exec session that ended, saying why: the container stopped (its
+        session may end a moment before the engine says so), or the session alone ended."""
+        for _ in range(_STOP_CHECKS):
+            if channel.closed.done():  # the engine's event came first
+                return
+            state = await asyncio.to_thread(container_state, self._client, self.container_id)
+            if state != "running":
+                channel.lost(f"the sandbox's container stopped ({state})")
+                return
+            await asyncio.sleep(_STOP_CHECK_EVERY)
+        channel.lost(why)
 
     async def _remove(self) -> None:
         self._unwatch(self.container_id)
