@@ -7,7 +7,7 @@ import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from cellbox import __version__
 from cellbox import types as t
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from cellboxd.backends.base import Backend
     from cellboxd.config import Resolved
 
-_BACKENDS = ["local", "docker"]
+_BACKENDS = list(get_args(t.Backend))
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
 _VARIANTS = ["minimal", "basic", "example"]
 _SHORT_ID = 12

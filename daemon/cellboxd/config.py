@@ -36,7 +36,7 @@ class DefaultLimits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The daemon's settings; the TOML file uses these names (snake_case)."""
 
-    default_backend: Literal["local", "docker"] = "local"
+    default_backend: t.Backend = "local"
     log_level: LogLevel = "info"
     data_dir: str = ""
     cache_dir: str = ""
