@@ -41,7 +41,9 @@ def client(eng: Engine) -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="module")
 def dd(eng: Engine) -> Iterator[Daemon]:
-    with Daemon(env=eng.env) as d:
+    # a grace that a loaded machine's slowest runtime (gVisor on ptrace) meets: these tests check
+    # that a timeout keeps the kernel's state; the restart past the grace is test_execute's
+    with Daemon(env={"CELLBOX_INTERRUPT_GRACE": "10", **eng.env}) as d:
         yield d
 
 
@@ -101,9 +103,11 @@ def test_sandbox_is_a_hardened_labelled_container(
     assert "no-new-privileges" in config["SecurityOpt"]
     assert config["ReadonlyRootfs"] is True and "/tmp" in (config.get("Tmpfs") or {})
     assert container.labels["cellbox.daemon.pid"] == str(dd.proc.pid)
-    # nothing of the daemon's machine is mounted: the workspace and packages are engine volumes
-    mounts = {m["Destination"]: m["Type"] for m in container.attrs["Mounts"]}
-    assert mounts == {"/workspace": "volume", "/opt/cellbox/packages": "volume", "/home/cellbox": "volume"}
+    # the workspace, packages and home are engine volumes; of the daemon's machine there is at
+    # most its socket's folder, read-only, where the engine runs on this machine
+    mounts = {m["Destination"]: (m["Type"], m["RW"]) for m in container.attrs["Mounts"]}
+    volumes = {path: ("volume", True) for path in ("/workspace", "/opt/cellbox/packages", "/home/cellbox")}
+    assert mounts == {**volumes, **({"/run/cellbox": ("bind", False)} if eng.socket_channel else {})}
     assert not config.get("PortBindings") and not container.attrs["NetworkSettings"].get("Ports")
     if eng.enforces_limits:  # the defaults: a sandbox without `limits` is limited too
         assert (
@@ -136,6 +140,46 @@ def test_sandbox_is_a_hardened_labelled_container(
     ], result
     listed = {s["sandboxId"]: s for s in dd.request("cellbox/listSandboxes", {})["sandboxes"]}
     assert listed[box["sandboxId"]]["image"] == box["image"]
+    # the agent says which way it speaks to the daemon, and the daemon logs it
+    via = "the daemon's socket" if eng.socket_channel else "the exec session"
+    assert any(f"{box['sandboxId']}: the agent's channel is {via}" in line for line in dd.stderr_lines)
+
+
+def test_the_daemons_socket_takes_its_agent_and_nothing_else(eng: Engine, dd: Daemon) -> None:
+    """Code in a sandbox can reach the daemon's socket: what it sends there (no token, a wrong
+    one, junk without end, many connections) is closed and changes nothing, and it can neither
+    replace the socket nor put anything beside it."""
+    if not eng.socket_channel:
+        pytest.skip("no socket of the daemon's on this engine: the channel is the exec session")
+    sandbox, kernel = _new(dd)
+    code = (
+        "import socket, time\n"
+        "answers = []\n"
+        "for payload in (b'', b'forged-token\\n' + b'\\0' * 4096, b'x' * 100000, b'\\n' * 3):\n"
+        "    s = socket.socket(socket.AF_UNIX)\n"
+        "    s.connect('/run/cellbox/channel.sock')\n"
+        "    try:\n        s.sendall(payload)\n    except OSError:\n        pass\n"
+        "    s.settimeout(10)\n"
+        "    try:\n        answers.append(s.recv(10))\n"
+        "    except OSError as exc:\n        answers.append(type(exc).__name__)\n"
+        "held = [socket.socket(socket.AF_UNIX) for _ in range(20)]\n"
+        "for s in held:\n    s.connect('/run/cellbox/channel.sock')\n"
+        "import os\n"
+        "attempts = (lambda: open('/run/cellbox/x', 'w'), lambda: os.remove('/run/cellbox/channel.sock'))\n"
+        "for attempt in attempts:\n"
+        "    try:\n        attempt()\n    except OSError as exc:\n        answers.append(exc.errno)\n"
+        "answers"
+    )
+    assert run(dd, kernel, code, timeout=60)["text"] in (
+        "[b'', b'', b'', b'', 30, 30]\n",
+        "[b'', b'', b'', b'', 30, 13]\n",
+    )
+    assert run(dd, kernel, "6 * 7")["text"] == "42\n"
+    # a new agent (after this one is killed) still gets in: the held connections count for nothing
+    run(dd, kernel, "import os, signal; os.kill(os.getppid(), signal.SIGKILL)")
+    dd.request("cellbox/restartKernel", {"kernelId": kernel}, timeout=60)
+    assert run(dd, kernel, "6 * 7")["text"] == "42\n"
+    dd.request("cellbox/destroySandbox", {"sandboxId": sandbox}, timeout=60)
 
 
 def test_env_values_are_never_logged(dd: Daemon, box: dict, cellbox_home: Path) -> None:

@@ -142,10 +142,11 @@ def command(python: str, program: bytes) -> list[str]:
     return [python, "-I", "-B", "-c", BOOT, str(len(program))]
 
 
-def program(workspace: str, folder: str | None = None) -> bytes:
+def program(workspace: str, folder: str | None = None, socket: str | None = None, token: str = "") -> bytes:
     """The agent's code, which serves the workspace at `workspace` (as the sandbox sees it) and
-    keeps its kernels' sockets in `folder` (a new temporary folder when None)."""
-    return _SOURCE + f"_agent.main({workspace!r}, {folder!r})\n".encode()
+    keeps its kernels' sockets in `folder` (a new temporary folder when None); with `socket`
+    it connects there with `token` (see `attach`), where it can."""
+    return _SOURCE + f"_agent.main({workspace!r}, {folder!r}, {socket!r}, {token!r})\n".encode()
 
 
 def _source() -> bytes:
@@ -270,7 +271,8 @@ class Channel:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._link: Link | None = None
+        self._link: Link | None = None  # where frames go
+        self._links: list[Link] = []  # every link of the agent's, closed with the channel
         self._parser = wire.Parser()
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
@@ -287,9 +289,11 @@ class Channel:
     # -- the link's side --------------------------------------------------------------------
 
     async def start(self, link: Link, agent: bytes) -> dict[str, Any]:
-        """Sends the agent its code over `link` and waits for its hello."""
+        """Sends the agent its code over `link` and waits for its hello (over `link`, or over
+        one attached meanwhile)."""
         timeout = HELLO_TIMEOUT
         self._link = link
+        self._links.append(link)
         link.write(agent)
         try:
             async with asyncio.timeout(timeout):
@@ -316,6 +320,16 @@ class Channel:
             else:
                 self.lost(f"the agent broke the channel's framing ({exc})")
 
+    def attach(self, link: Link) -> None:
+        """A second link of the same agent, which frames go to and come from from now on: a
+        socket the agent connected to (its stdin and stdout then only start it, and tell it by
+        ending that the daemon is gone)."""
+        if self.closed.done() or self.hello.done():  # only while the agent starts, and once
+            link.close()
+            return
+        self._link = link
+        self._links.append(link)
+
     def complain(self, data: bytes) -> None:
         """What the agent wrote to its stderr (a traceback, say): logged, up to a bound."""
         if self._complaints >= COMPLAINTS_CAP:
@@ -334,8 +348,8 @@ class Channel:
         self.closed.set_result(why)
         if not self.hello.done():
             self.hello.cancel()
-        if self._link is not None:
-            self._link.close()
+        for link in self._links:
+            link.close()
         calls, self._calls = self._calls, {}
         for future in calls.values():
             if not future.done():

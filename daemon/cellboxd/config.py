@@ -63,6 +63,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tmp_size_mb: Annotated[int, msgspec.Meta(gt=0)] = 512
     # the engine's OCI runtime for sandboxes without `runtime` (e.g. "runsc"); "" the engine's default
     docker_runtime: str = ""
+    # a docker sandbox's channel: "auto" takes a socket of the daemon's where the engine runs on
+    # this machine (faster, see backends/docker/channel_socket.py), else the exec session; "exec"
+    # always the exec session
+    docker_channel: Literal["auto", "exec"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,7 @@ _ENV = {
     "CELLBOX_READ_ONLY_ROOT": "read_only_root",
     "CELLBOX_TMP_SIZE_MB": "tmp_size_mb",
     "CELLBOX_DOCKER_RUNTIME": "docker_runtime",
+    "CELLBOX_DOCKER_CHANNEL": "docker_channel",
 }
 _LIMITS_ENV = {"CELLBOX_MEMORY_MB": "memory_mb", "CELLBOX_CPUS": "cpus", "CELLBOX_PIDS": "pids"}
 

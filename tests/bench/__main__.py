@@ -25,7 +25,9 @@ from tests.bench import cases
 from tests.bench.drivers import daemon, remove_stale_containers
 from tests.bench.report import Row, machine, print_table, write_json
 
-BACKENDS = ("local", "docker", "remote")
+BACKENDS = ("local", "docker", "docker-exec", "remote")
+# the docker targets: the daemon's environment for each, on top of its engine's DOCKER_HOST
+_TARGETS = {"docker": {}, "docker-exec": {"CELLBOX_DOCKER_CHANNEL": "exec"}, "remote": {}}
 
 
 def _engine(host: str | None = None) -> docker.DockerClient | None:
@@ -39,13 +41,13 @@ def _engine(host: str | None = None) -> docker.DockerClient | None:
     return engine
 
 
-async def _image(engine: docker.DockerClient, home: Path, host: str | None) -> str:
+async def _image(engine: docker.DockerClient, home: Path, env: dict[str, str]) -> str:
     """The tag of cellbox's minimal image, built through the daemon when it is missing."""
     tag = f"cellbox-minimal:{__version__}"
     try:
         await asyncio.to_thread(engine.images.get, tag)
     except docker.errors.ImageNotFound:
-        async with daemon(home, docker_host=host) as client:
+        async with daemon(home, extra=env) as client:
             tag = (await client.build_image(variant="minimal")).tag
     return tag
 
@@ -93,10 +95,11 @@ async def run(
         measured: dict[str, cases.Engine] = {}
         for name, (client, host) in engines.items():
             if name in backends:
+                env = {**({"DOCKER_HOST": host} if host else {}), **_TARGETS[name]}
                 await asyncio.to_thread(remove_stale_containers, client)
-                image = await _image(client, Path(tmp), host)
+                image = await _image(client, Path(tmp), env)
                 remote_host = urllib.parse.urlparse(host).hostname if name == "remote" and host else None
-                measured[name] = cases.Engine(client, image, host, remote_host)
+                measured[name] = cases.Engine(client, image, env, remote_host)
         bench = cases.Bench(plan, Path(tmp), measured)
         rows += await _case(log, "daemon start", None, functools.partial(cases.daemon_start, bench))
         for backend in backends:
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--backends",
-        help="comma-separated, of local, docker and remote (default: those whose engine answers)",
+        help="comma-separated, of local, docker, docker-exec (the docker backend on exec sessions only) "
+        "and remote (default: those whose engine answers)",
     )
     parser.add_argument(
         "--remote",
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     engines: dict[str, tuple[docker.DockerClient, str | None]] = {}
     if (engine := _engine()) is not None:
-        engines["docker"] = (engine, None)
+        engines["docker"] = engines["docker-exec"] = (engine, None)
     if args.remote and (remote := _engine(args.remote)) is not None:
         engines["remote"] = (remote, args.remote)
     if args.backends is None:

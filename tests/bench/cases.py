@@ -68,13 +68,14 @@ class Engine:
 
     client: docker.DockerClient
     image: str  # cellbox's minimal image, for docker sandboxes and the docker baseline
-    host: str | None = None  # DOCKER_HOST for the daemon; None: the environment's
+    env: dict[str, str]  # for the daemon: its DOCKER_HOST (none: the environment's), settings
     remote_host: str | None = None  # where an engine of another machine publishes ports
 
 
 @dataclass
 class Bench:
-    """What every case needs; `engines` are the docker targets by name ("docker", "remote")."""
+    """What every case needs; `engines` are the docker targets by name ("docker", "docker-exec",
+    "remote")."""
 
     plan: Plan
     home: Path  # the daemons' data, logs and runtime dirs, and the baseline's files
@@ -84,7 +85,7 @@ class Bench:
         self, target: str, pool: list[PoolSpec] | None = None
     ) -> contextlib.AbstractAsyncContextManager[AsyncClient]:
         engine = self.engines.get(target)
-        return daemon(self.home, pool, engine.host if engine is not None else None)
+        return daemon(self.home, pool, engine.env if engine is not None else None)
 
 
 def backend_of(target: str) -> t.Backend:

@@ -84,13 +84,12 @@ async def cellbox_call(what: str, seconds: float) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def daemon(
-    home: Path, pool: list[PoolSpec] | None = None, docker_host: str | None = None
+    home: Path, pool: list[PoolSpec] | None = None, extra: dict[str, str] | None = None
 ) -> AsyncIterator[AsyncClient]:
     """A started client whose daemon keeps its state under `home` and sends its logs nowhere;
-    `pool` is its warm pool, `docker_host` its engine (default: the environment's)."""
+    `pool` is its warm pool, `extra` more of its environment (its engine, its settings)."""
     env = {f"CELLBOX_{name.upper()}_DIR": str(home / name) for name in ("data", "log", "cache")}
-    if docker_host is not None:
-        env["DOCKER_HOST"] = docker_host
+    env.update(extra or {})
     env["CELLBOX_RUNTIME_DIR"] = str(home / "run")
     env["CELLBOX_CONFIG"] = str(home / "config.toml")  # absent: the user's config plays no part
     client = AsyncClient(DAEMON, env=env, stderr=subprocess.DEVNULL, pool=pool)

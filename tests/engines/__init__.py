@@ -9,8 +9,10 @@ where a test inspects it. A missing engine skips its tests, or fails them where
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ from tests.conftest import docker_unavailable
 # what each engine stands for
 ENGINES = {
     "local": "Docker Engine on the daemon's machine",
+    "local-exec": "the same, its sandboxes' channels on exec sessions, not the daemon's socket",
     "tcp": "a remote engine over tcp://, sharing nothing with the daemon",
     "ssh": "the remote engine over ssh://",
     "desktop": "Docker Desktop's shape: an engine in its own machine behind a local unix socket, "
@@ -53,12 +56,24 @@ class Engine:
     def runtime(self) -> str | None:
         return self.env.get("CELLBOX_DOCKER_RUNTIME") or None
 
+    @property
+    def socket_channel(self) -> bool:
+        """Whether sandboxes' channels take the daemon's socket (an engine on this machine, run
+        by root or the daemon's user, the exec session not asked for) rather than the engine's
+        exec session."""
+        if self.env.get("CELLBOX_DOCKER_CHANNEL") == "exec" or not self.api.startswith("unix://"):
+            return False
+        with contextlib.closing(self.client()) as client:
+            if client.info().get("Name") != socket.gethostname():
+                return False
+        return os.stat(self.api.removeprefix("unix://")).st_uid in (0, os.getuid())
+
 
 def engine(name: str) -> Engine:
     """The engine of that name, or a skip (a failure under CELLBOX_REQUIRE_DOCKER=1)."""
-    if name == "local":
+    if name in ("local", "local-exec"):
         found: dict[str, Any] | None = {
-            "env": {},
+            "env": {"CELLBOX_DOCKER_CHANNEL": "exec"} if name == "local-exec" else {},
             "api": os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
         }
     else:

@@ -9,6 +9,10 @@ the channel, hands them output credits, runs commands (installs, skill lookups) 
 writes the workspace (files.py). Whatever the sandbox's code does to the agent, the daemon
 treats what comes out of the channel as untrusted.
 
+Where the daemon offers one, the channel is instead a unix socket it listens on (in a folder of
+its own, mounted read-only here), which the agent connects to with the token it was given; stdin
+then only tells the agent, by ending, that the daemon is gone.
+
 One thread, one zmq poller over everything: the channel, each kernel's sockets and output pipe,
 each command's pipes, and a pipe woken by SIGCHLD. While more than HIGH_WATER bytes wait to go
 out, kernel sockets and command pipes are not read, so a flood waits in the sandbox.
@@ -100,8 +104,12 @@ class _Kernel(_Child):
 
 
 class Agent:
-    def __init__(self, workspace: files.Workspace, folder: str | None) -> None:
+    """Serves the channel on the file descriptors `rx` (read) and `tx` (written): stdin and
+    stdout, or both a socket's."""
+
+    def __init__(self, workspace: files.Workspace, folder: str | None, rx: int = 0, tx: int = 1) -> None:
         self.workspace = workspace
+        self.rx, self.tx = rx, tx
         self.context = zmq.Context()
         self.poller = zmq.Poller()
         self.parser = wire.Parser()
@@ -123,15 +131,17 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._stop)
-        os.set_blocking(0, False)
-        os.set_blocking(1, False)
+        for fd in {0, rx, tx}:
+            os.set_blocking(fd, False)
         try:  # a bigger pipe: fewer wake-ups when output floods
             import fcntl
 
-            fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ
+            fcntl.fcntl(tx, 1031, 1 << 20)  # F_SETPIPE_SZ
         except (ImportError, OSError):
             pass
-        self.poller.register(0, zmq.POLLIN)
+        self.poller.register(rx, zmq.POLLIN)
+        if rx != 0:  # stdin still says, by ending, that the daemon is gone
+            self.poller.register(0, zmq.POLLIN)
         self.poller.register(self.wake_r, zmq.POLLIN)
         self.calls: dict[str, Callable[[dict[str, Any], bytes], tuple[dict[str, Any], bytes]]] = {
             "kernel.start": self.start_kernel,
@@ -149,14 +159,17 @@ class Agent:
     # -- the loop ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        self.event({"event": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})
+        via = "stdio" if self.rx == 0 else "socket"
+        self.event({"event": "hello", "pid": os.getpid(), "python": sys.version.split()[0], "via": via})
         try:
             while not self.done:
                 self.flush()
                 for item, _ in self.poller.poll():
-                    if item == 0:
+                    if item == self.rx:
                         self.read_channel()
-                    elif item == 1:
+                    elif item == 0:
+                        self.watch_stdin()
+                    elif item == self.tx:
                         self.flush()
                     elif item == self.wake_r:
                         self.reap()
@@ -170,11 +183,18 @@ class Agent:
     def _stop(self, *_: Any) -> None:
         self.done = True
 
+    def watch_stdin(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            if not os.read(0, _READ):
+                self.done = True
+
     def read_channel(self) -> None:
         try:
-            data = os.read(0, _READ)
+            data = os.read(self.rx, _READ)
         except BlockingIOError:
             return
+        except ConnectionError:
+            data = b""
         if not data:
             self.done = True
             return
@@ -219,10 +239,10 @@ class Agent:
     def flush(self) -> None:
         while self.out:
             try:
-                written = os.writev(1, list(itertools.islice(self.out, _IOV)))
+                written = os.writev(self.tx, list(itertools.islice(self.out, _IOV)))
             except BlockingIOError:
                 break
-            except BrokenPipeError:
+            except (BrokenPipeError, ConnectionError):
                 self.done = True
                 self.out.clear()
                 return
@@ -237,10 +257,13 @@ class Agent:
                     written = 0
         if self.out and not self.writing:
             self.writing = True
-            self.poller.register(1, zmq.POLLOUT)
+            self.poller.register(self.tx, zmq.POLLOUT if self.tx != self.rx else zmq.POLLIN | zmq.POLLOUT)
         elif not self.out and self.writing:
             self.writing = False
-            self.poller.unregister(1)
+            if self.tx != self.rx:
+                self.poller.unregister(self.tx)
+            else:
+                self.poller.register(self.rx, zmq.POLLIN)
         if self.paused and self.out_size < HIGH_WATER // 2:
             self.paused = False
             for item in [*self.sockets, *self.readers]:
@@ -489,9 +512,25 @@ class Agent:
         return {}, b""
 
 
-def main(workspace: str, folder: str | None = None) -> None:
-    """Serves the channel on stdin and stdout until stdin ends; run by the bootstrap. Kernels'
-    sockets go in `folder`, else in a temporary folder of the agent's own."""
+def main(workspace: str, folder: str | None = None, socket: str | None = None, token: str = "") -> None:
+    """Serves the channel until stdin ends; run by the bootstrap. Kernels' sockets go in
+    `folder`, else in a temporary folder of the agent's own. With `socket`, the channel is that
+    unix socket, connected with `token`, where it can be reached; else stdin and stdout."""
     os.makedirs(workspace, exist_ok=True)
     os.chdir(workspace)
-    Agent(files.Workspace(workspace), folder).serve()
+    import socket as _socket
+
+    connection = None
+    if socket:
+        connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            connection.settimeout(5)
+            connection.connect(socket)
+            connection.sendall(token.encode() + b"\n")
+            if connection.recv(1) != b"\n":  # the daemon did not take it
+                raise ConnectionError
+        except OSError:  # not here (another machine, gVisor, a VM): stdin and stdout it is
+            connection.close()
+            connection = None
+    fd = connection.fileno() if connection is not None else None
+    Agent(files.Workspace(workspace), folder, *((fd, fd) if fd is not None else ())).serve()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from cellbox import errors
 from cellbox import types as t
 from cellboxd.backends.base import Key, OnLine, SandboxRuntime
 from cellboxd.backends.docker import engine
+from cellboxd.backends.docker.channel_socket import ChannelSocket
 from cellboxd.config import Resolved
 from cellboxd.inventory import Entry
 
@@ -70,6 +72,20 @@ class _Watcher:
         stopped = self._stopped.pop(container_id, None)
         if stopped is not None:
             stopped(f"the sandbox's container stopped ({how})")
+
+
+async def _in_thread(client: docker.DockerClient, create: Callable[[], str]) -> str:
+    """Makes a container in a thread that runs to its end even when the caller is cancelled
+    (the client gave up, the daemon is leaving), so that what it made is removed, not left."""
+    from cellboxd.backends.docker import sandbox
+
+    creating = asyncio.ensure_future(asyncio.to_thread(create))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(sandbox.remove_container, client, await creating)
+        raise
 
 
 class DockerBackend:
@@ -133,29 +149,31 @@ class DockerBackend:
         hardening = sandbox.Hardening(
             settings.limits, settings.read_only_root, settings.tmp_size_mb, settings.docker_runtime
         )
-        # in a thread that runs to its end even when the caller is cancelled (the client gave
-        # up, the daemon is leaving), so that a container made meanwhile is removed, not left
-        creating = asyncio.ensure_future(
-            asyncio.to_thread(
-                sandbox.create_container,
-                client,
-                sandbox_id=sandbox_id,
-                daemon_id=self.daemon_id,
-                image=tag,
-                params=params,
-                hardening=hardening,
-                limits=limits,
-            )
-        )
+        listener = None
+        if settings.docker_channel == "auto" and engine.on_this_machine(info):
+            listener = await ChannelSocket.open(self._resolved.runtime_path / sandbox_id)
         if self._watcher is None:
             self._watcher = _Watcher(client)
         try:
-            container_id = await asyncio.shield(creating)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(sandbox.remove_container, client, await creating)
+            container_id = await _in_thread(
+                client,
+                functools.partial(
+                    sandbox.create_container,
+                    client,
+                    sandbox_id=sandbox_id,
+                    daemon_id=self.daemon_id,
+                    image=tag,
+                    params=params,
+                    hardening=hardening,
+                    limits=limits,
+                    extra=[listener.mount()] if listener is not None else [],
+                ),
+            )
+        except BaseException:
+            if listener is not None:
+                listener.close()
             raise
-        made = sandbox.DockerSandbox(sandbox_id, client, container_id, tag, self._watcher.forget)
+        made = sandbox.DockerSandbox(sandbox_id, client, container_id, tag, self._watcher.forget, listener)
         self._watcher.watch(container_id, made.stopped)
         return made
 

@@ -21,7 +21,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cellbox import errors
 from cellboxd import channel as ch
@@ -83,6 +83,21 @@ def reachable(timeout: float = 3.0) -> bool:
     except errors.BackendUnavailable:
         return False
     return True
+
+
+def on_this_machine(info: dict[str, Any]) -> bool:
+    """Whether the engine runs on the daemon's machine and can mount the daemon's folders: it
+    is reached on a unix socket, has this machine's host name (Docker Desktop's engine, in a
+    VM, has its own) and runs as root or as the daemon's user (a rootless engine of another
+    user cannot enter the daemon's runtime folder)."""
+    url = host()
+    if not url.startswith("unix://") or info.get("Name") != socket.gethostname():
+        return False
+    try:
+        owner = os.stat(url.removeprefix("unix://")).st_uid
+    except OSError:
+        return False
+    return owner in (0, os.getuid())
 
 
 def _ping(scheme: str, where: str, timeout: float) -> bool:

@@ -26,7 +26,8 @@ from cellbox import errors
 from cellbox import types as t
 from cellboxd import channel as ch
 from cellboxd.backends.base import SandboxRuntime
-from cellboxd.backends.docker import engine
+from cellboxd.backends.docker import channel_socket, engine
+from cellboxd.backends.docker.channel_socket import ChannelSocket
 from cellboxd.backends.docker.images import HOME, PACKAGES, PYTHON, WORKSPACE
 from cellboxd.config import DefaultLimits
 
@@ -115,8 +116,10 @@ def create_container(
     params: t.CreateSandboxParams,
     hardening: Hardening,
     limits: dict[str, float],
+    extra: list[Any],
 ) -> str:
-    """Creates and starts a sandbox's container; its id. Blocks (run it in a thread)."""
+    """Creates and starts a sandbox's container, with the `extra` mounts of the daemon's; its
+    id. Blocks (run it in a thread)."""
     import docker.errors
     import docker.types
 
@@ -128,6 +131,7 @@ def create_container(
     mounts = [
         *(docker.types.Mount(target, None, type="volume") for target in writable),
         *(docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only) for m in params.mounts),
+        *extra,
     ]
     kwargs: dict[str, Any] = {}
     if "memory_mb" in limits:
@@ -232,12 +236,14 @@ class DockerSandbox(SandboxRuntime):
         container_id: str,
         image: str,
         unwatch: Callable[[str], None],
+        listener: ChannelSocket | None,
     ) -> None:
         super().__init__(sandbox_id)
         self._client = client
         self.container_id = container_id
         self._image = image
         self._unwatch = unwatch
+        self._listener = listener  # the faster path of the channel, where there is one
         self._stopped: str | None = None  # why the container is gone, once the engine said so
         self._explaining: set[asyncio.Task[None]] = set()
 
@@ -254,7 +260,10 @@ class DockerSandbox(SandboxRuntime):
     async def _connect(self, channel: ch.Channel) -> None:
         if self._stopped is not None:
             raise ch.ChannelClosed(f"{self._stopped}: the sandbox's container is not running")
-        program = ch.program(WORKSPACE)
+        if self._listener is not None:
+            program = ch.program(WORKSPACE, socket=channel_socket.PATH, token=self._listener.expect(channel))
+        else:
+            program = ch.program(WORKSPACE)
 
         def ended(why: str) -> None:
             task = asyncio.ensure_future(self._explain(channel, why))
@@ -270,7 +279,9 @@ class DockerSandbox(SandboxRuntime):
             if state != "running":  # engines word it each their own way
                 raise ch.ChannelClosed(f"the sandbox's container is not running ({state})") from None
             raise ch.ChannelClosed(f"cannot start the agent in the sandbox's container: {exc}") from None
-        await channel.start(link, program)
+        hello = await channel.start(link, program)
+        via = "the daemon's socket" if hello.get("via") == "socket" else "the exec session"
+        log.info("%s: the agent's channel is %s", self.sandbox_id, via)
 
     async def _explain(self, channel: ch.Channel, why: str) -> None:
         """Ends the channel of an exec session that ended, saying why: the container stopped (its
@@ -288,3 +299,5 @@ class DockerSandbox(SandboxRuntime):
     async def _remove(self) -> None:
         self._unwatch(self.container_id)
         await asyncio.to_thread(remove_container, self._client, self.container_id)
+        if self._listener is not None:
+            self._listener.close()
