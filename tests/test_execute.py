@@ -234,6 +234,22 @@ def test_kernel_killed_mid_execution_dies_promptly(shared_daemon: Daemon) -> Non
     assert run(d, kernel, "40 + 2")["text"] == "42\n"
 
 
+def test_a_killed_agent_is_replaced_and_its_kernels_start_again(shared_daemon: Daemon) -> None:
+    """The kernel's parent is the sandbox's agent: killed, the kernel dies with it; a restart
+    starts a new agent, whose kernels start where the old one's left their files."""
+    d = shared_daemon
+    sandbox, kernel = new_kernel(d)
+    other = d.request("cellbox/startKernel", {"sandboxId": sandbox})["kernelId"]
+    result = run(
+        d, kernel, "import os, signal; os.kill(os.getppid(), signal.SIGKILL); import time; time.sleep(30)"
+    )
+    assert (result["status"], result["error"]["ename"]) == ("died", "KernelDied")
+    d.request("cellbox/restartKernel", {"kernelId": kernel})
+    d.request("cellbox/restartKernel", {"kernelId": other})
+    assert [run(d, k, "6 * 7")["text"] for k in (kernel, other)] == ["42\n", "42\n"]
+    d.request("cellbox/destroySandbox", {"sandboxId": sandbox})
+
+
 def test_executes_on_one_kernel_run_in_arrival_order(shared_daemon: Daemon) -> None:
     d = shared_daemon
     _, kernel = new_kernel(d)

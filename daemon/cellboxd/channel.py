@@ -2,10 +2,12 @@
 
 Every backend starts the same agent (sandbox/agent.py) and hands its stdin and stdout to a
 `Channel` through a `Link`: a child's pipes (local), an exec session of the engine's API
-(docker). The channel carries every kernel's Jupyter messages, output credits, commands and
-file operations (framing in sandbox/wire.py), so the daemon never touches a path or a socket
-that the sandbox's code can reach. What comes out of it is the sandbox's word: a frame that
-breaks the framing ends the channel, and nothing in it is trusted further.
+(docker), or a socket the daemon listens on that the agent connects to (docker, on an engine
+of this machine: backends/docker/channel_socket.py). The channel carries every kernel's Jupyter
+messages, output credits, commands and file operations (framing in sandbox/wire.py), so the
+daemon never opens, follows or connects to a path that the sandbox's code can create or
+replace. What comes out of it is the sandbox's word: a frame that breaks the framing ends the
+channel, and nothing in it is trusted further.
 
 Kernel messages queue per kernel (`KernelPort`); while more than `HIGH_WATER` bytes of them
 wait to be taken, the channel stops reading the link, so that a flood waits in the sandbox.
@@ -54,7 +56,9 @@ class Link(Protocol):
 
 class TransportLink:
     """A link's writing and flow control over asyncio transports: it writes to one and pauses
-    reading another (the same one for a socket)."""
+    reading another (the same one for a socket); closing it closes `_transport`."""
+
+    _transport: asyncio.BaseTransport | None = None
 
     def _writing(self) -> asyncio.WriteTransport | None:
         raise NotImplementedError
@@ -73,6 +77,11 @@ class TransportLink:
     def resume_reading(self) -> None:
         if (transport := self._reading()) is not None:
             transport.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._transport.close()
 
 
 class ChildLink(TransportLink, asyncio.SubprocessProtocol):
@@ -281,6 +290,7 @@ class Channel:
         self._slots = itertools.count(1)
         self._queued = 0  # bytes of kernel messages not taken yet
         self._paused = False
+        self._pauses = 0  # how often the link was paused: a call's deadline waits on for those
         self._complaints = 0  # bytes of the agent's stderr logged so far
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -313,20 +323,28 @@ class Channel:
         try:
             for kind, ident, payload in self._parser.feed(data):
                 self._dispatch(kind, ident, payload)
-        except wire.FrameError as exc:
+        except Exception as exc:  # the sandbox's bytes: whatever they break ends the channel
             if not self.hello.done():  # not the agent speaking: what started it, saying why not
                 text = data[:2000].decode(errors="replace").strip()
                 self.lost(f"the agent did not start; its output: {text}")
             else:
                 self.lost(f"the agent broke the channel's framing ({exc})")
 
+    @property
+    def starting(self) -> bool:
+        """Whether the agent is being started: it has not said hello, and the channel is open."""
+        return not self.hello.done() and not self.closed.done()
+
+    @property
+    def link(self) -> Link | None:
+        """Where frames go: the link the agent was started on, or the one attached since."""
+        return self._link
+
     def attach(self, link: Link) -> None:
         """A second link of the same agent, which frames go to and come from from now on: a
         socket the agent connected to (its stdin and stdout then only start it, and tell it by
-        ending that the daemon is gone)."""
-        if self.closed.done() or self.hello.done():  # only while the agent starts, and once
-            link.close()
-            return
+        ending that the daemon is gone). Only while it starts (see `starting`), and once."""
+        assert self.starting and len(self._links) == 1
         self._link = link
         self._links.append(link)
 
@@ -372,6 +390,7 @@ class Channel:
             self._queued += len(payload)
             if self._queued > HIGH_WATER and not self._paused and self._link is not None:
                 self._paused = True
+                self._pauses += 1
                 self._link.pause_reading()
             return
         if kind not in (wire.REPLY, wire.EVENT):
@@ -417,18 +436,24 @@ class Channel:
 
     async def call(self, op: str, blob: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
         """Runs an operation in the agent: its result and blob, or AgentError, ChannelClosed. An
-        agent that does not answer within CALL_TIMEOUT is taken for gone."""
+        agent that does not answer within CALL_TIMEOUT is taken for gone, unless the daemon
+        itself stopped reading it meanwhile (kernels' messages not taken, see HIGH_WATER)."""
         if self.closed.done():
             raise ChannelClosed(self.closed.result())
         ident = next(self._ids)
         future = self._calls[ident] = asyncio.get_running_loop().create_future()
         self._send(wire.json_frame(wire.CALL, ident, {"op": op, **args}, blob))
         try:
-            async with asyncio.timeout(CALL_TIMEOUT):
-                result, data = await future
-        except TimeoutError:
-            self.lost(f"the agent did not answer {op} within {CALL_TIMEOUT:g} s")
-            raise ChannelClosed(self.closed.result()) from None
+            while True:
+                pauses = self._pauses
+                try:
+                    async with asyncio.timeout(CALL_TIMEOUT):
+                        result, data = await asyncio.shield(future)
+                    break
+                except TimeoutError:
+                    if not self._paused and self._pauses == pauses:
+                        self.lost(f"the agent did not answer {op} within {CALL_TIMEOUT:g} s")
+                        raise ChannelClosed(self.closed.result()) from None
         finally:
             self._calls.pop(ident, None)
         if not result.get("ok"):

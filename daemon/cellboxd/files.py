@@ -9,7 +9,9 @@ refusals into the protocol's errors.
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import TypeVar
+
+import msgspec
 
 from cellbox import errors
 from cellbox import types as t
@@ -19,61 +21,86 @@ from cellboxd.channel import AgentError, ChannelClosed
 LIST_LIMIT = 100_000  # entries in one listFiles answer
 
 
+# the agent's answers, as the daemon takes them (other fields are ignored)
+class _Size(msgspec.Struct):
+    size: int
+
+
+class _Entry(msgspec.Struct):
+    path: str
+    kind: t.FileKind
+    size: int
+    mtime: float
+
+
+class _Listing(msgspec.Struct):
+    entries: list[_Entry]
+    truncated: bool = False
+
+
+class _Created(msgspec.Struct):
+    created: bool
+
+
+_Answer = TypeVar("_Answer", bound=msgspec.Struct)
+
+
 async def write(runtime: SandboxRuntime, params: t.WriteFileParams, cap: int) -> t.WriteFileResult:
     if len(params.content) > cap:
         raise errors.InvalidParams(
             f"Invalid params: `content` holds {len(params.content)} bytes, more than the {cap} one call "
             "takes: write larger files in pieces with `append`"
         )
-    result, _ = await _call(
-        runtime, "file.write", params.path, params.content, append=params.append, mode=params.mode
+    written, _ = await _call(
+        runtime, _Size, "file.write", params.path, params.content, append=params.append, mode=params.mode
     )
-    return t.WriteFileResult(size=int(result["size"]))
+    return t.WriteFileResult(size=written.size)
 
 
 async def read(runtime: SandboxRuntime, params: t.ReadFileParams, cap: int) -> t.ReadFileResult:
     length = cap if params.length is None else min(params.length, cap)
-    result, content = await _call(runtime, "file.read", params.path, offset=params.offset, length=length)
-    size = int(result["size"])
-    return t.ReadFileResult(content=content, size=size, eof=params.offset + len(content) >= size)
+    found, content = await _call(
+        runtime, _Size, "file.read", params.path, offset=params.offset, length=length
+    )
+    if len(content) > length:
+        raise errors.RequestFailed(f"the sandbox's agent answered file.read with more than {length} bytes")
+    return t.ReadFileResult(content=content, size=found.size, eof=params.offset + len(content) >= found.size)
 
 
 async def list_files(runtime: SandboxRuntime, params: t.ListFilesParams) -> t.ListFilesResult:
-    result, _ = await _call(runtime, "file.list", params.path, recursive=params.recursive, limit=LIST_LIMIT)
+    listing, _ = await _call(
+        runtime, _Listing, "file.list", params.path, recursive=params.recursive, limit=LIST_LIMIT
+    )
     entries = [
-        t.FileEntry(
-            path=str(entry["path"]),
-            kind=entry["kind"],
-            size=int(entry["size"]),
-            modified_at=_iso(entry["mtime"]),
-        )
-        for entry in result["entries"]
-        if entry.get("kind") in ("file", "dir", "symlink")
+        t.FileEntry(path=entry.path, kind=entry.kind, size=entry.size, modified_at=_iso(entry.mtime))
+        for entry in listing.entries[:LIST_LIMIT]
     ]
-    return t.ListFilesResult(entries=entries, truncated=bool(result.get("truncated")))
+    truncated = listing.truncated or len(listing.entries) > LIST_LIMIT
+    return t.ListFilesResult(entries=entries, truncated=truncated)
 
 
 async def delete(runtime: SandboxRuntime, params: t.DeleteFileParams) -> None:
-    await _call(runtime, "file.delete", params.path, recursive=params.recursive)
+    await _call(runtime, msgspec.Struct, "file.delete", params.path, recursive=params.recursive)
 
 
 async def create(runtime: SandboxRuntime, path: str, content: bytes) -> bool:
     """Writes a new file (an image of a display); False when the name is taken."""
-    result, _ = await _call(runtime, "file.create", path, content)
-    return bool(result["created"])
+    made, _ = await _call(runtime, _Created, "file.create", path, content)
+    return made.created
 
 
 async def _call(
-    runtime: SandboxRuntime, op: str, path: str, blob: bytes = b"", **args: object
-) -> tuple[dict[str, Any], bytes]:
+    runtime: SandboxRuntime, answer: type[_Answer], op: str, path: str, blob: bytes = b"", **args: object
+) -> tuple[_Answer, bytes]:
     try:
-        return await (await runtime.channel()).call(op, blob, path=path, **args)
+        result, data = await (await runtime.channel()).call(op, blob, path=path, **args)
+        return msgspec.convert(result, answer), data
     except AgentError as exc:
         raise _error(exc) from None
     except ChannelClosed as exc:
         raise errors.RequestFailed(f"the sandbox cannot be reached: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:  # an answer of the wrong shape
-        raise errors.RequestFailed(f"the sandbox's agent answered {op} wrongly: {exc!r}") from None
+    except msgspec.ValidationError as exc:  # an answer of the wrong shape
+        raise errors.RequestFailed(f"the sandbox's agent answered {op} wrongly: {exc}") from None
 
 
 def _error(exc: AgentError) -> errors.CellboxError:
@@ -84,13 +111,8 @@ def _error(exc: AgentError) -> errors.CellboxError:
     return errors.RequestFailed(exc.message)
 
 
-def _inside(path: object) -> bool:
-    """Whether `path` is a plain relative path that stays in the workspace."""
-    if not isinstance(path, str) or not path or "\0" in path:
-        return False
-    return all(part not in ("", ".", "..") for part in path.split("/"))
-
-
-def _iso(mtime: object) -> str:
-    seconds = float(mtime) if isinstance(mtime, int | float) else 0.0
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")
+def _iso(mtime: float) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(mtime, datetime.UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):  # a time the sandbox made up
+        return datetime.datetime.fromtimestamp(0, datetime.UTC).isoformat(timespec="milliseconds")

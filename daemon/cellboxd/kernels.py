@@ -24,7 +24,7 @@ import msgspec
 
 from cellbox import errors, methods
 from cellbox import types as t
-from cellboxd.channel import ChannelClosed, Exit, KernelPort
+from cellboxd.channel import AgentError, ChannelClosed, Exit, KernelPort
 from cellboxd.execution import Execution, Notify
 from cellboxd.messages import Message, decode
 from cellboxd.sandbox.wire import CHANNEL
@@ -192,6 +192,8 @@ class Kernel:
             )
         except ChannelClosed as exc:
             raise self._died(f"the sandbox's agent is gone ({exc})") from None
+        except AgentError as exc:
+            raise self._died(f"could not be started in the sandbox: {exc.message}") from None
         process = self._process = _Process(port, Session(key=key.encode(), username="cellbox"), pid)
         self._ready = False
         self._iopub_seen.clear()
@@ -474,13 +476,12 @@ class Kernel:
             channel, frames = item
             try:
                 msg = decode(frames)
-            except ValueError as exc:  # msgspec.DecodeError is one
-                log.warning("kernel %s: ignored a message: %s", self.kernel_id, exc)
-                continue
-            if channel == _IOPUB:
-                await self._on_iopub(process, msg)
-            elif channel == _SHELL:
-                self._on_shell(msg)
+                if channel == _IOPUB:
+                    await self._on_iopub(process, msg)
+                elif channel == _SHELL:
+                    self._on_shell(msg)
+            except Exception as exc:  # the sandbox's code can send anything: one message is lost
+                log.warning("kernel %s: ignored a message: %r", self.kernel_id, exc)
 
     async def _on_iopub(self, process: _Process, msg: Message) -> None:
         self._iopub_seen.set()

@@ -139,8 +139,9 @@ class LocalSandbox(SandboxRuntime):
         return env
 
     async def _connect(self, channel: ch.Channel) -> None:
-        if self._agent is not None:
+        if self._agent is not None:  # gone, or going: its kernels' files go too
             await self._agent.stop()
+            await asyncio.to_thread(_empty, self._folder)
         program = ch.program(str(self.workspace), str(self._folder))
         loop = asyncio.get_running_loop()
         _, agent = await loop.subprocess_exec(
@@ -199,3 +200,8 @@ class _AgentProcess(ch.ChildLink):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self._transport.get_pid(), signal.SIGKILL)
             self._transport.close()
+
+
+def _empty(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700)

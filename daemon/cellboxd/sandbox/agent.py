@@ -159,8 +159,7 @@ class Agent:
     # -- the loop ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        via = "stdio" if self.rx == 0 else "socket"
-        self.event({"event": "hello", "pid": os.getpid(), "python": sys.version.split()[0], "via": via})
+        self.event({"event": "hello", "pid": os.getpid(), "python": sys.version.split()[0]})
         try:
             while not self.done:
                 self.flush()
@@ -527,6 +526,7 @@ def main(workspace: str, folder: str | None = None, socket: str | None = None, t
             connection.settimeout(5)
             connection.connect(socket)
             connection.sendall(token.encode() + b"\n")
+            connection.settimeout(60)  # the daemon answers or closes it; past its own hello timeout
             if connection.recv(1) != b"\n":  # the daemon did not take it
                 raise ConnectionError
         except OSError:  # not here (another machine, gVisor, a VM): stdin and stdout it is

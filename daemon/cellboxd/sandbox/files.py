@@ -81,7 +81,9 @@ class Workspace:
             for index, part in enumerate(parts[:-1]):
                 child = _open_entry(fd, part, _DIR_FLAGS, path=path, create_dir=create_dirs)
                 if child is None:
-                    return self._link_target(fd, part, parts[:index], path) + parts[index + 1 :]
+                    target = self._link_target(fd, part, parts[:index], path)
+                    os.close(fd)
+                    return target + parts[index + 1 :]
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -246,7 +248,11 @@ def _open_entry(
         if exc.errno == errno.ELOOP:  # made a symlink meanwhile
             return None
         raise _error(exc, path) from None
-    opened, now = os.fstat(fd), _lstat(dir_fd, name)
+    try:
+        opened, now = os.fstat(fd), _lstat(dir_fd, name)
+    except BaseException:
+        os.close(fd)
+        raise
     if now is None or (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):
         os.close(fd)  # not the entry that is there: a symlink was followed, or it was swapped
         if now is not None and stat.S_ISLNK(now.st_mode):

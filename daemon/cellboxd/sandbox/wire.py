@@ -71,7 +71,7 @@ def split_json(payload: bytes | memoryview) -> tuple[Any, bytes]:
         raise FrameError("a JSON frame shorter than its JSON")
     try:
         obj = json.loads(bytes(payload[4 : 4 + size]))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise FrameError(f"bad JSON in a frame: {exc}") from None
     return obj, bytes(payload[4 + size :])
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cellbox import errors
 from cellbox import types as t
 from cellboxd.backends.base import Key, OnLine, SandboxRuntime
-from cellboxd.backends.docker import engine
+from cellboxd.backends.docker import channel_socket, engine
 from cellboxd.backends.docker.channel_socket import ChannelSocket
 from cellboxd.config import Resolved
 from cellboxd.inventory import Entry
@@ -108,11 +108,21 @@ class DockerBackend:
         return engine.reachable()
 
     def validate(self, params: t.CreateSandboxParams) -> None:
+        from cellboxd.backends.docker.images import HOME, PACKAGES, WORKSPACE
+
+        own = (WORKSPACE, PACKAGES, HOME, "/tmp")
         for index, mount in enumerate(params.mounts):
             if not mount.source.startswith("/") or not mount.target.startswith("/"):
                 raise errors.InvalidParams(
                     f"Invalid params: `mounts[{index}]`: `source` (a folder of the engine's machine) and "
                     "`target` (in the sandbox) must be absolute paths"
+                )
+            target = mount.target.rstrip("/") or "/"
+            if target in own or (target + "/").startswith(f"{channel_socket.TARGET}/"):
+                raise errors.InvalidParams(
+                    f"Invalid params: `mounts[{index}].target`: {target} is the sandbox's own "
+                    f"(its workspace, packages, home, /tmp and {channel_socket.TARGET}); mount below "
+                    "the workspace or elsewhere"
                 )
 
     def pool_key(self, image: str | None) -> Key:
@@ -151,7 +161,7 @@ class DockerBackend:
         )
         listener = None
         if settings.docker_channel == "auto" and engine.on_this_machine(info):
-            listener = await ChannelSocket.open(self._resolved.runtime_path / sandbox_id)
+            listener = ChannelSocket.open(self._resolved.runtime_path / sandbox_id)
         if self._watcher is None:
             self._watcher = _Watcher(client)
         try:
@@ -227,7 +237,8 @@ class DockerBackend:
     def entries(self) -> list[Entry]:
         from cellboxd.backends.docker import orphans
 
-        return orphans.entries(engine.connect(timeout=5))
+        with contextlib.closing(engine.connect(timeout=5)) as client:
+            return orphans.entries(client)
 
     async def remove_orphans(self) -> list[str]:
         from cellboxd.backends.docker import orphans

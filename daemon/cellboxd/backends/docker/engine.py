@@ -3,8 +3,9 @@
 The engine is the one `DOCKER_HOST` names (`unix://`, `tcp://` with or without TLS, `ssh://`),
 as the docker CLI and SDK read it: Docker Engine, Docker Desktop (whose engine runs in a VM),
 Podman's Docker-compatible API, a remote machine. Nothing here assumes the engine shares the
-daemon's file system or network: the daemon and a sandbox meet only through the engine's API,
-in one exec session per sandbox that carries the agent's channel (`exec_link`).
+daemon's file system or network: the daemon and a sandbox meet through the engine's API, in
+one exec session per sandbox that starts the agent and carries its channel (`exec_link`; on an
+engine of this machine the channel may move to a socket of the daemon's, channel_socket.py).
 
 The docker SDK (loaded when the engine is first used, not when the daemon starts) makes the
 calls; the exec session's stream is the daemon's own asyncio connection to the engine, so that
@@ -136,6 +137,8 @@ class _Stream:
         self._buffer = bytearray()
 
     def received(self, data: bytes) -> None:
+        if self.started.done() and (self.started.cancelled() or self.started.exception()):
+            return  # the session failed to start: what follows is not the agent's
         if not self.started.done():
             self._head += data
             end = self._head.find(b"\r\n\r\n")
@@ -206,10 +209,6 @@ class _SocketLink(ch.TransportLink, asyncio.Protocol):
     def _reading(self) -> asyncio.ReadTransport | None:
         return self._transport
 
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
 
 class _SshLink(ch.ChildLink):
     """An exec session through `ssh HOST docker system dial-stdio`, as the docker CLI reaches an
@@ -227,10 +226,6 @@ class _SshLink(ch.ChildLink):
 
     def process_exited(self) -> None:
         self._stream.ended("the ssh connection to the engine ended")
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
 
 def _ssh_command(where: str) -> list[str]:
@@ -319,4 +314,7 @@ async def exec_link(
     except (ExecFailed, TimeoutError) as exc:
         link.close()
         raise ExecFailed(str(exc) or "the engine did not start the exec session in time") from None
+    except BaseException:  # cancelled: the session goes with its caller
+        link.close()
+        raise
     return link

@@ -5,12 +5,13 @@ images cellbox builds), with every capability dropped, no-new-privileges, memory
 process limits (the sandbox's, else the configured defaults), and a read-only root file system.
 What it may write: `/tmp` (a tmpfs), the workspace, the packages installed at runtime and the
 image user's home (an engine volume each, removed with the container), and the user's `mounts`
-(folders of the engine's machine). Nothing of the daemon's machine is mounted.
+(folders of the engine's machine). Nothing of the daemon's machine is mounted, but for the
+read-only folder of the channel's socket on an engine of this machine (channel_socket.py).
 
 The agent (sandbox/agent.py) runs in it as one exec session of the engine's API, its stdin and
-stdout the sandbox's channel (engine.exec_link): kernels, commands, files and images all go
-through it, so the same sandbox works on a local engine, a remote one, Docker Desktop, Podman
-or gVisor alike.
+stdout the sandbox's channel (engine.exec_link), or, where the daemon offers one, that socket:
+kernels, commands, files and images all go through it, so the same sandbox works on a local
+engine, a remote one, Docker Desktop, Podman or gVisor alike.
 """
 
 from __future__ import annotations
@@ -170,8 +171,12 @@ def create_container(
             host_config=host_config,
         )
     except docker.errors.APIError as exc:
+        hint = ""
+        if extra:  # the engine looked like this machine's but may not see the daemon's folders
+            hint = ' (where the engine cannot mount this machine\'s folders, set docker_channel = "exec")'
         raise errors.BackendUnavailable(
-            f"the engine refused the sandbox's container: {exc.explanation or exc}", {"backend": "docker"}
+            f"the engine refused the sandbox's container: {exc.explanation or exc}{hint}",
+            {"backend": "docker"},
         ) from None
     container_id: str = created["Id"]
     try:
@@ -279,8 +284,8 @@ class DockerSandbox(SandboxRuntime):
             if state != "running":  # engines word it each their own way
                 raise ch.ChannelClosed(f"the sandbox's container is not running ({state})") from None
             raise ch.ChannelClosed(f"cannot start the agent in the sandbox's container: {exc}") from None
-        hello = await channel.start(link, program)
-        via = "the daemon's socket" if hello.get("via") == "socket" else "the exec session"
+        await channel.start(link, program)
+        via = "the exec session" if channel.link is link else "the daemon's socket"
         log.info("%s: the agent's channel is %s", self.sandbox_id, via)
 
     async def _explain(self, channel: ch.Channel, why: str) -> None:
@@ -298,6 +303,8 @@ class DockerSandbox(SandboxRuntime):
 
     async def _remove(self) -> None:
         self._unwatch(self.container_id)
-        await asyncio.to_thread(remove_container, self._client, self.container_id)
-        if self._listener is not None:
-            self._listener.close()
+        try:
+            await asyncio.to_thread(remove_container, self._client, self.container_id)
+        finally:
+            if self._listener is not None:
+                self._listener.close()
