@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import importlib
 import logging
 import secrets
 import shutil
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -59,6 +61,7 @@ class SandboxManager:
         self._sandboxes: dict[str, Sandbox] = {}
         self._kernels: dict[str, Kernel] = {}
         self._sweeping: asyncio.Task[None] | None = None
+        self._kernel_modules: asyncio.Future[types.ModuleType] | None = None
         self.pool: WarmPool[Sandbox] = WarmPool(self._make_pooled, self._discard, _spare_alive)
 
     def backends(self) -> list[t.Backend]:
@@ -113,6 +116,10 @@ class SandboxManager:
         """A new sandbox with its agent started."""
         if self._sweeping is not None:  # so that a killed daemon's sandboxes never outlive ours
             await asyncio.wait([self._sweeping])
+        if self._kernel_modules is None:  # the first kernel's jupyter_client loads meanwhile
+            self._kernel_modules = asyncio.ensure_future(
+                asyncio.to_thread(importlib.import_module, "jupyter_client.session")
+            )
         sandbox_id = "sb-" + secrets.token_hex(6)
         root = self._resolved.sandboxes_path / sandbox_id
         root.mkdir(parents=True)

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,12 @@ _STREAM_HEAD = 8  # Docker's stream framing: stream type, 3 zero bytes, 4-byte b
 
 def host() -> str:
     return os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+
+
+if not host().startswith("ssh://"):
+    # The SDK imports paramiko, where it is installed, for an ssh transport of its own that only
+    # an ssh:// engine uses: kept out, the first engine call comes 0.25 s and 20 MB cheaper.
+    sys.modules.setdefault("paramiko", None)  # type: ignore[arg-type]  # None: "not importable"
 
 
 def _tls() -> bool:
