@@ -113,6 +113,7 @@ def _error(exc: AgentError) -> errors.CellboxError:
 
 def _iso(mtime: float) -> str:
     try:
-        return datetime.datetime.fromtimestamp(mtime, datetime.UTC).isoformat(timespec="milliseconds")
+        moment = datetime.datetime.fromtimestamp(mtime, datetime.UTC)
     except (OverflowError, OSError, ValueError):  # a time the sandbox made up
-        return datetime.datetime.fromtimestamp(0, datetime.UTC).isoformat(timespec="milliseconds")
+        moment = datetime.datetime.fromtimestamp(0, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds")

@@ -532,5 +532,5 @@ def main(workspace: str, folder: str | None = None, socket: str | None = None, t
         except OSError:  # not here (another machine, gVisor, a VM): stdin and stdout it is
             connection.close()
             connection = None
-    fd = connection.fileno() if connection is not None else None
-    Agent(files.Workspace(workspace), folder, *((fd, fd) if fd is not None else ())).serve()
+    rx, tx = (connection.fileno(),) * 2 if connection is not None else (0, 1)
+    Agent(files.Workspace(workspace), folder, rx, tx).serve()
