@@ -204,6 +204,23 @@ def test_a_failed_install_exits_1_with_the_log() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_a_closed_stderr_ends_the_command_instead_of_hanging_it() -> None:
+    """The progress lines meet a broken pipe in the client's thread (rich then raises
+    SystemExit): the command still ends, with 1."""
+    proc = subprocess.Popen(
+        [*CELLBOX, "install", "cellbox-surely-no-such-package-4d1c==0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        proc.stderr.close()
+        assert proc.wait(timeout=120) == 1
+    finally:
+        proc.kill()  # a hung one: its daemon goes with it, its stdin closed
+        proc.wait()
+
+
 def test_sources_with_skills(tmp_path: Path) -> None:
     skills = tmp_path / "my-skills"
     (skills / "helpers").mkdir(parents=True)

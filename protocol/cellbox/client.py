@@ -8,6 +8,7 @@ API for synchronous code: they run an `AsyncClient` on an event loop in a backgr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -843,12 +844,25 @@ class AsyncExecution:
 
 
 class _Portal:
-    """An event loop in a daemon thread, on which the sync API runs the async one."""
+    """An event loop in a daemon thread, on which the sync API runs the async one.
+
+    A callback that raises SystemExit there (rich's console does on a broken pipe) ends the
+    loop: every call then raises that in its caller's thread instead of waiting forever.
+    """
 
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="cellbox-client", daemon=True)
+        self._ended: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, name="cellbox-client", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_forever()
+        except BaseException as exc:
+            self._ended.set_exception(exc)
+        else:
+            self._ended.set_result(None)
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self._thread:
@@ -856,6 +870,11 @@ class _Portal:
             raise RuntimeError("the sync cellbox API cannot be called from its own callbacks")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
+            waits: list[concurrent.futures.Future[Any]] = [future, self._ended]
+            concurrent.futures.wait(waits, return_when=concurrent.futures.FIRST_COMPLETED)
+            if not future.done():
+                self._ended.result()  # what ended the loop
+                raise TransportError("the cellbox client's event loop stopped")
             return future.result()
         except BaseException:  # e.g. KeyboardInterrupt: cancel the coroutine too
             future.cancel()
