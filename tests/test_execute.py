@@ -48,6 +48,23 @@ def test_stdout_stderr_stream_in_order_and_result_collects_text(shared_daemon: D
     assert isinstance(result["executionCount"], int)
 
 
+def test_output_still_buffered_when_a_cell_ends_is_in_its_result(shared_daemon: Daemon) -> None:
+    # the kernel's flushes skip the wait when nothing is buffered: what a cell leaves buffered
+    # (no newline, no flush), or a thread wrote just before the end, must still be in its result
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    run(d, kernel, "import sys, threading")
+    for i in range(30):
+        code = (
+            f"sys.stdout.write('o{i}')\nsys.stderr.write('e{i}')\n"
+            f"t = threading.Thread(target=print, args=('t{i}',), kwargs={{'end': ''}})\nt.start(); t.join()"
+        )
+        result = run(d, kernel, code)
+        assert result["status"] == "ok"
+        text = result["text"]
+        assert len(text) == len(f"o{i}t{i}e{i}") and f"o{i}t{i}" in text.replace(f"e{i}", ""), (i, text)
+
+
 def test_small_outputs_are_coalesced_within_a_bounded_delay(shared_daemon: Daemon) -> None:
     d = shared_daemon
     _, kernel = new_kernel(d)
