@@ -160,6 +160,21 @@ async def test_stream_yields_outputs_and_displays_in_order(kernel: AsyncKernel) 
     assert result.text.startswith("0\n1\n2\n3\nwarn\n") and result.text.endswith("last\n")
 
 
+async def test_output_a_cell_ends_on_is_never_overtaken_by_its_end(kernel: AsyncKernel) -> None:
+    # every MiB goes to ipykernel's IO thread at once and the flushes at a cell's end skip what
+    # has nothing buffered; the last MiB, still being sent when the cell ends, must come first
+    # (it came after the end in about 1 of 40 runs when a flush did not see it)
+    size = 3 << 20
+    for run in range(60):
+        execution = kernel.stream(f"line = 'x' * 1023\nfor _ in range({size >> 10}):\n    print(line)")
+        received = 0
+        async for event in execution:
+            if isinstance(event, t.OutputNotification):
+                received += len(event.text)
+        assert (await execution.result()).status == "ok"
+        assert received == size, run
+
+
 async def test_a_late_consumer_loses_no_event(kernel: AsyncKernel) -> None:
     execution = kernel.stream("for i in range(5):\n    print(i, flush=True)")
     result = await execution.result()

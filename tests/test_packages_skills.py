@@ -141,3 +141,53 @@ def test_unknown_module_answers_module_not_found(shared_daemon: Daemon, installe
         error = response["error"]
         assert error["code"] == 1006 and error["data"]["module"] == missing, error
         assert missing in error["message"]
+
+
+def test_modules_below_any_kind_of_parent_are_found_or_module_not_found(
+    shared_daemon: Daemon, installed: dict
+) -> None:
+    skills = Path(installed["workspace"]) / "skills"
+    ran = Path(installed["workspace"]) / "ran.txt"
+    run_marker = f"open({str(ran)!r}, 'w').write('ran')\n"
+    # a regular package holding a namespace package (no __init__), as freeact_skills does
+    (skills / "regular" / "space" / "deeper").mkdir(parents=True)
+    (skills / "regular" / "__init__.py").write_text(run_marker)
+    (skills / "regular" / "space" / "deeper" / "mod.py").write_text("A = 1\n")
+    # namespace packages all the way down
+    (skills / "nsonly" / "inner").mkdir(parents=True)
+    (skills / "nsonly" / "inner" / "leaf.py").write_text("B = 2\n")
+    # a package whose __init__ cannot even be compiled
+    (skills / "broken").mkdir()
+    (skills / "broken" / "__init__.py").write_text("def (:\n" + run_marker)
+    (skills / "broken" / "child.py").write_text("C = 3\n")
+    # a print at the interpreter's start, as a .pth file in the sandbox could make
+    (skills / "sitecustomize.py").write_text('print(\'{"sources": {"forged": 1}}\')\n')
+
+    def ask(*modules: str) -> dict:
+        return shared_daemon.response(
+            shared_daemon.start(
+                "cellbox/getSkillSources", {"sandboxId": installed["sandboxId"], "modules": list(modules)}
+            )
+        )
+
+    try:
+        found = ask("regular.space.deeper.mod", "nsonly.inner.leaf", "broken.child")["result"]["sources"]
+    finally:
+        (skills / "sitecustomize.py").unlink()
+    assert found == {
+        "regular.space.deeper.mod": "A = 1\n",
+        "nsonly.inner.leaf": "B = 2\n",
+        "broken.child": "C = 3\n",
+    }
+    for missing in (
+        "regular.space.gone.api",  # below a namespace package: was a KeyError, -32603
+        "regular.space.deeper.mod.x",  # below a module
+        "nsonly.nothing",
+        "nsonly.inner",  # a namespace package has no source
+        "broken.gone",
+        "math.sub",  # below a compiled module
+        "no_such_parent.child",
+    ):
+        error = ask(missing)["error"]
+        assert error["code"] == 1006 and error["data"]["module"] == missing, error
+    assert not ran.exists()

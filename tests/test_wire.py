@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -115,7 +116,7 @@ def test_malformed_messages_get_the_right_error_and_the_daemon_goes_on(
     try:
         expected_id = json.loads(raw).get("id")
     except (ValueError, AttributeError):
-        expected_id = None
+        expected_id = 1 if raw.startswith(b'{"jsonrpc": "2.0", "id": 1,') else None  # read all the same
     if code == -32600 and not isinstance(expected_id, int):
         expected_id = None
     response = d.response(expected_id, timeout=10)
@@ -144,6 +145,62 @@ def test_bad_frames_get_a_parse_error_and_the_daemon_resyncs(daemon: Daemon, fra
         assert daemon.proc.stdin is not None
         daemon.proc.stdin.close()
         assert daemon.proc.wait(timeout=10) == 1
+
+
+def _request(msg_id: int | str, method: str = "cellbox/listSandboxes", params: object = None) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params or {}}).encode()
+
+
+def _frame(body: bytes, length: int | None = None) -> bytes:
+    return b"Content-Length: %d\r\n\r\n" % (len(body) if length is None else length) + body
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("body", "expected_id"),
+    [
+        (b'{"jsonrpc": "2.0", "id": 21, "method": "cellbox/listSandboxes", "params": {"x": "\xff\xfe"}}', 21),
+        (b'{"jsonrpc": "2.0", "id": "deep", "method": "m", "params": {"x": ' + DEEP + b"}}", "deep"),
+        (b'{"jsonrpc": "2.0", "params": {"x": ' + DEEP + b'}, "method": "m", "id": 22}', 22),
+        # an `id` inside the params is not the request's
+        (b'{"params": {"id": 23, "x": "\xff"}, "jsonrpc": "2.0", "method": "m"}', None),
+        (b'{"id": {"no": 1}, "x": "\xc3"}', None),
+        (DEEP, None),
+    ],
+)
+def test_bodies_not_utf8_or_nested_too_deeply_get_a_parse_error_with_their_id(
+    shared_daemon: Daemon, body: bytes, expected_id: int | str | None
+) -> None:
+    d = shared_daemon
+    d.send_bytes(_frame(body))
+    assert d.response(expected_id, timeout=10)["error"]["code"] == -32700
+    assert d.request("cellbox/listSandboxes", {}) is not None
+
+
+def test_a_frame_shorter_than_its_length_loses_nothing_after_it(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    for short_by in (1, 3, 14, 15, 19, 22):
+        first, second, third = (f"short{short_by}-{i}" for i in range(3))
+        body = _request(first)
+        # the first body takes the next header's first bytes, or all of it
+        d.send_bytes(_frame(body, len(body) + short_by) + _frame(_request(second)) + _frame(_request(third)))
+        for msg_id in (first, second, third):
+            assert "result" in d.response(msg_id, timeout=10), (short_by, msg_id)
+
+
+def test_a_frame_longer_than_its_length_is_refused_and_the_next_header_found(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    for long_by in (1, 3, 40):
+        first, second, third = (f"long{long_by}-{i}" for i in range(3))
+        body = _request(first)
+        # what is left of the first body is glued to the next header, on one line
+        d.send_bytes(_frame(body, len(body) - long_by) + _frame(_request(second)) + _frame(_request(third)))
+        assert d.response(first, timeout=10)["error"]["code"] == -32700
+        assert d.response(None, timeout=10)["error"]["code"] == -32700  # the remnant
+        for msg_id in (second, third):
+            assert "result" in d.response(msg_id, timeout=10), (long_by, msg_id)
 
 
 def test_extra_headers_and_unknown_notifications_are_fine(shared_daemon: Daemon) -> None:
@@ -298,3 +355,92 @@ def test_fuzzed_input_never_stops_the_daemon(
 def test_fuzz_left_kernels_alone(shared_daemon: Daemon) -> None:
     _, kernel = new_kernel(shared_daemon)
     assert shared_daemon.request("cellbox/execute", {"kernelId": kernel, "code": "6 * 7"})["text"] == "42\n"
+
+
+def _malformed(rng: random.Random, n: int) -> tuple[bytes, tuple[str, int] | None]:
+    """One malformed message of a kind chosen by `rng`, and the (id, code) of its answer when
+    it has one the test can know."""
+    msg_id = f"bad-{n}"
+    kind = rng.randrange(16)
+    if kind == 0:  # invalid UTF-8 inside a string
+        return _frame(
+            b'{"jsonrpc": "2.0", "id": "%s", "method": "m", "params": {"x": "\xc3\x28"}}' % msg_id.encode()
+        ), (msg_id, -32700)
+    if kind == 1:  # nested too deeply for any decoder
+        depth = rng.choice((1_000, 5_000, 30_000))
+        deep = b"[" * depth + b"]" * depth
+        return _frame(
+            b'{"jsonrpc": "2.0", "id": "%s", "method": "m", "params": {"x": %s}}' % (msg_id.encode(), deep)
+        ), (msg_id, -32700)
+    if kind == 2:  # cut short: not JSON
+        body = _request(msg_id)
+        return _frame(body[: rng.randrange(len(body) // 2, len(body) - 1)]), (msg_id, -32700)
+    if kind == 3:  # not an object
+        return _frame(rng.choice((b"[1, 2]", b"42", b'"text"', b"null", b"[]"))), None
+    if kind == 4:
+        return _frame(json.dumps({"jsonrpc": "1.0", "id": msg_id, "method": "m"}).encode()), (msg_id, -32600)
+    if kind == 5:
+        return _frame(json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": 5}).encode()), (msg_id, -32600)
+    if kind == 6:
+        return _frame(
+            json.dumps(
+                {"jsonrpc": "2.0", "id": msg_id, "method": "cellbox/listSandboxes", "params": 3}
+            ).encode()
+        ), (msg_id, -32602)
+    if kind == 7:
+        return _frame(_request(msg_id, f"cellbox/no{n}")), (msg_id, -32601)
+    if kind == 8:  # params that do not validate
+        params = rng.choice(
+            (
+                {},
+                {"kernelId": 5},
+                {"kernelId": "k", "code": None},
+                {"kernelId": "k", "code": "1", "timeout": "x"},
+            )
+        )
+        return _frame(_request(msg_id, "cellbox/execute", params)), (msg_id, -32602)
+    if kind == 9:  # framed random bytes
+        return _frame(rng.randbytes(rng.randrange(1, 300)).replace(b"ontent", b"")), None
+    if kind == 10:  # lines that are no headers
+        return rng.randbytes(rng.randrange(1, 200)).replace(b"ontent", b"") + b"\r\n\r\n", None
+    if kind == 11:
+        return rng.choice(
+            (b"Content-Length: abc\r\n\r\n", b"Content-Length: -5\r\n\r\n", b"X" * 20_000 + b"\r\n\r\n")
+        ), None
+    if kind == 12:  # shorter than its length: the request is served all the same
+        body = _request(msg_id, "cellbox/no-such")
+        # the bytes it lacks are taken from the next frame, whose header is then found again
+        filler = _frame(json.dumps({"jsonrpc": "2.0", "method": "$/fuzz", "params": {}}).encode())
+        return _frame(body, len(body) + rng.randrange(1, 23)) + filler, (msg_id, -32601)
+    if kind == 13:  # longer than its length
+        body = _request(msg_id)
+        return _frame(body, len(body) - rng.randrange(1, 30)), (msg_id, -32700)
+    if kind == 14:  # unknown notification: no answer
+        return _frame(json.dumps({"jsonrpc": "2.0", "method": f"$/fuzz{n}", "params": {}}).encode()), None
+    # a malformed id
+    return _frame(json.dumps({"jsonrpc": "2.0", "id": {"n": n}, "method": "m"}).encode()), None
+
+
+def test_ten_thousand_malformed_messages_among_executes_answered_exactly(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    _, kernel = new_kernel(d)
+    rng = random.Random(20261201)
+    expected: dict[str, int] = {}
+    executes: dict[str, str] = {}
+    stream = bytearray()
+    for n in range(10_000):
+        data, answer = _malformed(rng, n)
+        stream += data
+        if answer is not None:
+            expected[answer[0]] = answer[1]
+        if n % 50 == 49:
+            ex = f"ex-{n}"
+            executes[ex] = f"{n * 7}\n"
+            stream += _frame(_request(ex, "cellbox/execute", {"kernelId": kernel, "code": f"{n} * 7"}))
+    d.send_bytes(bytes(stream))
+    for ex, text in executes.items():
+        result = d.response(ex, timeout=60)["result"]
+        assert (result["status"], result["text"]) == ("ok", text), ex
+    for msg_id, code in expected.items():
+        assert d.response(msg_id, timeout=30)["error"]["code"] == code, msg_id
+    assert d.request("cellbox/listSandboxes", {}) is not None

@@ -13,10 +13,15 @@ from cellbox import errors
 from cellbox import types as t
 from cellboxd.backends.base import SandboxRuntime
 
-# Runs in the sandbox's interpreter: argv[1:] are module names; prints a JSON object
-# {"sources": {name: source}} or {"missing": name, "reason": why}.
+# Runs in the sandbox's interpreter: argv[1:] are module names; prints MARK, then a JSON object
+# {"sources": {name: source}} or {"missing": name, "reason": why} (what a `.pth` file printed
+# at the interpreter's start comes before MARK). A package found on the way is put into
+# sys.modules as an empty module with the `__path__` the import system would give it, never run:
+# a namespace package's path is computed from its parent's `__path__`, which the import system
+# looks up in sys.modules.
+MARK = "\x00cellbox-sources\x00"
 _RESOLVER = r"""
-import importlib.machinery, importlib.util, json, sys
+import importlib.machinery, importlib.util, json, sys, types
 
 def find(name):
     parts = name.split(".")
@@ -24,35 +29,40 @@ def find(name):
     for i in range(1, len(parts)):
         if spec is None or spec.submodule_search_locations is None:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(
-            ".".join(parts[: i + 1]), list(spec.submodule_search_locations)
-        )
+        path = list(spec.submodule_search_locations)
+        if spec.name not in sys.modules:
+            sys.modules[spec.name] = parent = types.ModuleType(spec.name)
+            parent.__path__ = path
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), path)
     return spec
+
+def source_of(name):
+    try:
+        spec = find(name)
+    except Exception as exc:
+        return None, "%s: %s" % (type(exc).__name__, exc)
+    if spec is None:
+        return None, "no module named %r" % name
+    try:
+        source = spec.loader.get_source(spec.name)
+    except Exception:
+        source = None
+    if not isinstance(source, str):
+        kind = "a namespace package" if spec.origin in (None, "namespace") else "not Python source"
+        return None, "%r has no source (%s: %s)" % (name, kind, spec.origin)
+    return source, ""
 
 def main(names):
     sources = {}
     for name in names:
-        try:
-            spec = find(name)
-        except (ImportError, ValueError) as exc:
-            return {"missing": name, "reason": str(exc)}
-        if spec is None:
-            return {"missing": name, "reason": "no module named %r" % name}
-        source = None
-        loader = spec.loader
-        if loader is not None and hasattr(loader, "get_source"):
-            try:
-                source = loader.get_source(spec.name)
-            except ImportError:
-                source = None
+        source, reason = source_of(name)
         if source is None:
-            kind = "a namespace package" if spec.origin in (None, "namespace") else "not Python source"
-            return {"missing": name, "reason": "%r has no source (%s: %s)" % (name, kind, spec.origin)}
+            return {"missing": name, "reason": reason}
         sources[name] = source
     return {"sources": sources}
 
-sys.stdout.write(json.dumps(main(sys.argv[1:])))
-"""
+sys.stdout.write(MARK + json.dumps(main(sys.argv[1:])))
+""".replace("MARK", repr(MARK))
 
 
 class _Answer(msgspec.Struct):
@@ -69,7 +79,7 @@ async def skill_sources(runtime: SandboxRuntime, modules: list[str]) -> t.GetSki
     unique = list(dict.fromkeys(modules))
     result = await runtime.run([runtime.python, "-c", _RESOLVER, *unique])
     try:
-        answer = msgspec.json.decode(result.stdout, type=_Answer)
+        answer = msgspec.json.decode(result.stdout.rpartition(MARK)[2], type=_Answer)
     except msgspec.DecodeError:
         raise errors.InternalError(
             f"looking up module sources failed (exit code {result.returncode}): {result.stderr.strip()}"

@@ -33,6 +33,11 @@ MAX_HEADER_LINE = 8192  # bytes; longer lines are not headers
 _CHUNK = 1 << 20
 _JOIN_BELOW = 64 * 1024  # a body smaller than this goes out in one write with its header
 _HEADER_NAME = re.compile(rb"[A-Za-z0-9-]+")
+_NAME = b"content-length"
+_CONTENT_LENGTH = re.compile(_NAME + rb"[ \t]*:", re.IGNORECASE)
+_ID_SCAN_BYTES = 1 << 20  # how far into a body that does not parse its `id` is looked for
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_ID_VALUE = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*(-?[0-9]+(?![0-9.eE])|"(?:[^"\\]|\\.)*")', re.DOTALL)
 
 _encoder = msgspec.json.Encoder()
 
@@ -233,13 +238,8 @@ class CellboxProtocol(LanguageServerProtocol):
 
     # -- receiving --------------------------------------------------------------------------
 
-    def receive(self, body: bytes) -> None:
-        """Checks one frame's body as a JSON-RPC message and hands it to pygls."""
-        try:
-            raw = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            self.send_error(None, ErrorCode.PARSE_ERROR, f"Parse error: {exc}")
-            return
+    def receive(self, raw: Any) -> None:
+        """Checks one frame's decoded body as a JSON-RPC message and hands it to pygls."""
         if not isinstance(raw, dict):
             kind = "a batch" if isinstance(raw, list) else f"a JSON {type(raw).__name__}"
             self.send_error(
@@ -321,12 +321,71 @@ class CellboxProtocol(LanguageServerProtocol):
             log.warning("ignored a malformed response to request %r", raw.get("id"))
 
 
+def _top_level_id(body: bytes) -> int | str | None:
+    """The `id` member of a body that does not parse, when it can be read (in its first MiB),
+    so that the request's error answer reaches whoever waits for it."""
+    depth = 0
+    for token in _TOKEN.finditer(body, 0, _ID_SCAN_BYTES):
+        text = token[0]
+        if text[0] != 0x22:  # a bracket
+            depth += 1 if text in b"[{" else -1
+        elif depth == 1 and text == b'"id"' and (value := _ID_VALUE.match(body, token.end())):
+            try:
+                found = msgspec.json.decode(value[1])
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                return None
+            return found if isinstance(found, int | str) else None
+    return None
+
+
+class _Frames:
+    """The reader, with bytes put back in front: a body that does not parse but holds a
+    `Content-Length` header (its own length was wrong) gives back the frames it swallowed."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.back = b""
+        self.at = 0  # where the unread part of `back` starts
+
+    def put_back(self, data: bytes) -> None:
+        self.back, self.at = data + self.back[self.at :], 0
+
+    def _take(self, n: int) -> bytes:
+        piece = self.back[self.at : self.at + n]
+        self.at += len(piece)
+        if self.at == len(self.back):
+            self.back, self.at = b"", 0
+        return piece
+
+    async def line(self) -> bytes:
+        end = self.back.find(b"\n", self.at)
+        if end >= 0:
+            return self._take(end + 1 - self.at)
+        return self._take(len(self.back)) + await self.reader.readuntil(b"\n")
+
+    async def exactly(self, n: int) -> bytes:
+        head = self._take(n)
+        return head + await self.reader.readexactly(n - len(head)) if len(head) < n else head
+
+    async def skip(self, n: int) -> bool:
+        """Drops n bytes; False at the end of the input."""
+        n -= len(self._take(n))
+        while n:
+            chunk = await self.reader.read(min(n, _CHUNK))
+            if not chunk:
+                return False
+            n -= len(chunk)
+        return True
+
+
 async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -> None:
     """Reads LSP frames until EOF.
 
     A run of lines that are not headers is answered with one parse error and skipped, so the
-    loop finds the next good `Content-Length` header and goes on from there.
+    loop finds the next `Content-Length` header, also in the middle of a line, and goes on from
+    there; a body that does not parse is cut at a `Content-Length` header inside it.
     """
+    frames = _Frames(reader)
     while True:
         length: int | None = None
         garbage = False
@@ -339,7 +398,7 @@ async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -
 
         while True:
             try:
-                line = await reader.readuntil(b"\n")
+                line = await frames.line()
             except asyncio.IncompleteReadError:
                 return
             except asyncio.LimitOverrunError as exc:
@@ -352,6 +411,11 @@ async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -
                     break
                 continue
             name, sep, value = text.partition(b":")
+            if (not sep or not _HEADER_NAME.fullmatch(name.strip())) and (
+                found := _CONTENT_LENGTH.search(text)
+            ):
+                bad(f"not a header line: {text[: min(found.start(), 60)]!r}")
+                name, sep, value = text[found.start() :].partition(b":")
             if not sep or not _HEADER_NAME.fullmatch(name.strip()):
                 bad(f"not a header line: {text[:60]!r}")
             elif name.strip().lower() == b"content-length":
@@ -366,21 +430,50 @@ async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -
                 ErrorCode.PARSE_ERROR,
                 f"Parse error: a message of {length} bytes exceeds {MAX_MESSAGE_BYTES}",
             )
-            remaining = length
-            while remaining:
-                chunk = await reader.read(min(remaining, _CHUNK))
-                if not chunk:
-                    return
-                remaining -= len(chunk)
+            if not await frames.skip(length):
+                return
             continue
         try:
-            body = await reader.readexactly(length)
+            body = await frames.exactly(length)
         except asyncio.IncompleteReadError:
             return
+        raw, why = _decode(body)
+        if why and (cut := _next_header(body)) is not None:
+            # a whole header is given back; the start of one only if the rest then parses
+            head_raw, head_why = _decode(body[: cut[0]])
+            if cut[1] or not head_why:
+                frames.put_back(body[cut[0] :])
+                body, raw, why = body[: cut[0]], head_raw, head_why
+        if why:
+            protocol.send_error(_top_level_id(body), ErrorCode.PARSE_ERROR, f"Parse error: {why}")
+            continue
         try:
-            protocol.receive(body)
+            protocol.receive(raw)
         except Exception:  # a bug in a handler must not end the loop
             log.exception("error while handling a message")
+
+
+def _next_header(body: bytes) -> tuple[int, bool] | None:
+    """Where the next frame's header starts in a body that does not parse, and whether it is
+    all there: a `Content-Length` header inside it, or the start of one at its end (the body
+    was shorter than it said, and took the next header's first bytes)."""
+    if (found := _CONTENT_LENGTH.search(body)) is not None:
+        return found.start(), True
+    tail = body[-len(_NAME) :].lower()
+    for size in range(len(tail), 0, -1):
+        if _NAME.startswith(tail[-size:]):
+            return len(body) - size, False
+    return None
+
+
+def _decode(body: bytes) -> tuple[Any, str]:
+    """A body's JSON, or why it is none: malformed, not UTF-8, or nested too deeply."""
+    try:
+        return msgspec.json.decode(body), ""
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return None, str(exc) or type(exc).__name__
+    except RecursionError:
+        return None, "JSON nested too deeply"
 
 
 async def open_stdio() -> tuple[asyncio.StreamReader, int]:
