@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from cellboxd import channel as ch
-from cellboxd.sandbox import wire
+from cellboxd.sandbox import outputs, wire
 
 
 class _Link:
@@ -101,13 +101,15 @@ async def test_a_paused_channel_does_not_time_its_calls_out(monkeypatch: pytest.
     """While the daemon does not read the agent (its kernels' messages wait to be taken), a call's
     answer may be behind them: its deadline waits; an agent that does not answer still goes."""
     channel, link = await _started()
-    starting = asyncio.ensure_future(channel.start_kernel(["python"], "key", {}))
+    starting = asyncio.ensure_future(channel.start_kernel(["python"], "key", {}, "k-test"))
     await asyncio.sleep(0)
     channel.feed(_answer(link, {"ok": True, "pid": 5}))
     port, pid = await starting  # a kernel whose messages nobody takes
     assert pid == 5
     monkeypatch.setattr(ch, "CALL_TIMEOUT", 0.05)
-    channel.feed(wire.kernel_frame(1, 1, [b"x" * (ch.HIGH_WATER + 1)]))
+    piece = b"x" * (outputs.MESSAGE_BOUND - 64)
+    for _ in range(ch.HIGH_WATER // len(piece) + 1):
+        channel.feed(wire.kernel_frame(1, 1, [piece]))
     assert link.paused
     call = asyncio.ensure_future(channel.call("file.read", path="x"))
     await asyncio.sleep(0.2)  # four deadlines

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from cellboxd.sandbox import wire
+from cellboxd.sandbox import outputs, wire
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,15 @@ COMPLAINTS_CAP = 64 << 10  # bytes of an agent's stderr logged; the rest is drop
 
 # Runs the agent: reads N bytes of code from stdin and runs them (see `program`).
 BOOT = "import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),'<cellbox-agent>','exec'))"
-_MODULES = ("wire", "files", "agent")  # of cellboxd.sandbox, in the order they are defined
+_MODULES = ("wire", "files", "outputs", "agent")  # of cellboxd.sandbox, in the order they are defined
+# The largest frame of each type the daemon takes from an agent (a larger one ends the channel):
+# whatever the sandbox's code does, the daemon holds no more than that of one frame. Replies
+# carry file pieces and listings (files.LIST_LIMIT entries); events, command output in MiBs.
+AGENT_FRAMES = {
+    wire.KERNEL: outputs.MESSAGE_BOUND,
+    wire.EVENT: 4 << 20,
+    wire.REPLY: wire.MAX_FILE_PIECE + (32 << 20),
+}
 
 
 class Link(Protocol):
@@ -282,7 +290,7 @@ class Channel:
         self.name = name
         self._link: Link | None = None  # where frames go
         self._links: list[Link] = []  # every link of the agent's, closed with the channel
-        self._parser = wire.Parser()
+        self._parser = wire.Parser(AGENT_FRAMES)
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._ports: dict[int, KernelPort] = {}
@@ -460,13 +468,16 @@ class Channel:
             raise AgentError(str(result.get("kind")), str(result.get("message")), str(result.get("path", "")))
         return result, data
 
-    async def start_kernel(self, argv: list[str], key: str, env: dict[str, str]) -> tuple[KernelPort, int]:
+    async def start_kernel(
+        self, argv: list[str], key: str, env: dict[str, str], name: str
+    ) -> tuple[KernelPort, int]:
         """Starts a kernel process; its port and PID. `argv` may hold `{connection_file}` and
-        `{credits}`, which the agent replaces with the paths of the files it makes."""
+        `{credits}`, which the agent replaces with the paths of the files it makes; `name` is
+        what the agent names the kernel's images after."""
         slot = next(self._slots)
         port = self._ports[slot] = KernelPort(self, slot)
         try:
-            result, _ = await self.call("kernel.start", slot=slot, argv=argv, key=key, env=env)
+            result, _ = await self.call("kernel.start", slot=slot, argv=argv, key=key, env=env, name=name)
         except BaseException:
             port.close()
             raise

@@ -18,6 +18,7 @@ import msgspec
 import platformdirs
 
 from cellbox import types as t
+from cellboxd.sandbox.wire import MAX_FILE_PIECE
 
 APP = "cellbox"
 
@@ -54,7 +55,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # the warm pool: sandboxes kept ready, each with one kernel started (see pool.py)
     pool: list[t.PoolSpec] = msgspec.field(default_factory=list)
     # bytes of file content one readFile answers or one writeFile takes
-    file_cap: Annotated[int, msgspec.Meta(gt=0)] = 8 << 20
+    file_cap: Annotated[int, msgspec.Meta(gt=0, le=MAX_FILE_PIECE)] = 8 << 20
     # hardening of docker sandboxes, each also a per-sandbox field where the protocol has one
     limits: DefaultLimits = msgspec.field(default_factory=DefaultLimits)
     # the container's root file system read-only; /tmp, the workspace and packages stay writable

@@ -1,8 +1,9 @@
 """One execution: what a cell's IOPub messages and shell reply add up to.
 
 It streams each output as a notification and collects the ExecuteResult: `text` capped at
-the daemon's limit, rich outputs, images saved to the workspace's `images/` folder (by the
-sandbox's agent, through `save`), the error, and how the execution ended. Stream text is
+the daemon's limit, rich outputs, their images' files (the sandbox's agent saved them in the
+workspace's `images/` folder and named them in the message), the error, and how the execution
+ended. Stream text is
 coalesced: chunks of one stream that arrive within `COALESCE_SECONDS` of each other go out as
 one notification (at most `COALESCE_CHARS` characters wait), and anything else that goes out,
 or the end, sends what waits first, so order is kept.
@@ -11,34 +12,25 @@ or the end, sends what waits first, so order is kept.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cellbox import methods
 from cellbox import types as t
+from cellboxd.sandbox.outputs import IMAGE_EXT, KEY
 
 log = logging.getLogger(__name__)
 
 Notify = Callable[[str, Any], None]
-SaveFile = Callable[[str, bytes], Awaitable[tuple[str, str | None] | None]]
-"""Saves an image (its extension, its bytes) in the workspace: its `file` and `path`, or None."""
 
 COALESCE_SECONDS = 0.005
 COALESCE_CHARS = 64 * 1024
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-# MIME type -> file extension of images saved to the workspace; SVG is text, the rest base64
-_IMAGE_EXT = {
-    "image/png": "png",
-    "image/jpeg": "jpg",
-    "image/gif": "gif",
-    "image/webp": "webp",
-    "image/svg+xml": "svg",
-}
+_EXTS = "|".join(sorted(set(IMAGE_EXT.values())))
 
 
 def plain(lines: list[str]) -> list[str]:
@@ -52,18 +44,21 @@ class Execution:
         *,
         execution_id: str,
         kernel_id: str,
-        save: SaveFile,
+        workspace: Path | None,
         text_cap: int,
         notify: Notify,
     ) -> None:
         self.execution_id = execution_id
         self.kernel_id = kernel_id
-        self._save = save
+        self._workspace = workspace
+        # the only names the agent gives this kernel's images: a claim of another is not taken
+        self._image_file = re.compile(rf"images/{re.escape(kernel_id)}-[0-9]{{1,12}}\.({_EXTS})")
         self._text_cap = text_cap
         self._notify = notify
         self._text: list[str] = []
         self._text_len = 0
-        self.truncated = False
+        self.truncated = False  # the result does not hold everything
+        self._text_full = False  # `text` is at the cap
         self.outputs: list[t.Output] = []
         self._outputs_size = 0  # characters of the string values of `outputs`
         self.error: t.ErrorInfo | None = None
@@ -87,6 +82,7 @@ class Execution:
             self._stream(stream, text)
             self._add_text(text)
         elif msg_type == "error":
+            self._note_cut(content)
             self.error = t.ErrorInfo(
                 content.get("ename", ""), content.get("evalue", ""), plain(content.get("traceback", []))
             )
@@ -144,21 +140,22 @@ class Execution:
         )
 
     def _add_text(self, text: str) -> None:
-        if self.truncated:
+        if self._text_full:
             return
         room = self._text_cap - self._text_len
         if len(text) > room:
             text = text[:room]
-            self.truncated = True
+            self.truncated = self._text_full = True
         self._text.append(text)
         self._text_len += len(text)
 
-    async def on_output(self, msg_type: str, content: dict[str, Any]) -> None:
-        """An `execute_result` or `display_data`: its image saved first, then sent and kept."""
+    def on_output(self, msg_type: str, content: dict[str, Any]) -> None:
+        """An `execute_result` or `display_data`: sent, and kept."""
         data: dict[str, Any] = content.get("data") or {}
         metadata: dict[str, Any] = content.get("metadata") or {}
         self.flush()
-        file, path = await self._save_image(data) or (None, None)
+        self._note_cut(content)
+        file, path = self._image(content)
         self._keep(t.Output(data, metadata, path, file))
         self._notify(
             methods.DISPLAY,
@@ -166,6 +163,20 @@ class Execution:
         )
         if msg_type == "execute_result" and isinstance(text := data.get("text/plain"), str):
             self._add_text(text if text.endswith("\n") else text + "\n")
+
+    def _note_cut(self, content: dict[str, Any]) -> None:
+        """A message the agent cut to its bound makes the result truncated."""
+        extra = content.get(KEY)
+        if isinstance(extra, dict) and extra.get("truncated") is True:
+            self.truncated = True
+
+    def _image(self, content: dict[str, Any]) -> tuple[str | None, str | None]:
+        """The file the agent saved the output's image in, and its path on this machine."""
+        extra = content.get(KEY)
+        file = extra.get("file") if isinstance(extra, dict) else None
+        if not isinstance(file, str) or not self._image_file.fullmatch(file):
+            return None, None
+        return file, None if self._workspace is None else str(self._workspace / file)
 
     def _keep(self, output: t.Output) -> None:
         """Adds an output to the result within the cap, which outputs count against too: a cell
@@ -182,19 +193,6 @@ class Execution:
                 return
         self._outputs_size += size
         self.outputs.append(output)
-
-    async def _save_image(self, data: dict[str, Any]) -> tuple[str, str | None] | None:
-        for mime, ext in _IMAGE_EXT.items():
-            value = data.get(mime)
-            if not isinstance(value, str):
-                continue
-            try:
-                payload = value.encode() if ext == "svg" else base64.b64decode(value, validate=False)
-            except (binascii.Error, ValueError):
-                log.warning("execution %s: %s output is not valid base64", self.execution_id, mime)
-                return None
-            return await self._save(ext, payload)
-        return None
 
     # -- the result -------------------------------------------------------------------------
 

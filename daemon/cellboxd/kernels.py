@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import secrets
 import signal
@@ -124,7 +123,13 @@ def _cellbox_bound(path, limit={limit}, ahead={ahead}):
     bound_both()
     get_ipython().events.register("pre_execute", bound_both)
 _cellbox_bound({path!r})
-del _cellbox_bound"""
+del _cellbox_bound
+try:  # IOPub's PUB socket drops what its reader is slow to take: let it queue instead
+    import zmq as _z
+    get_ipython().kernel.iopub_thread.socket.setsockopt(_z.SNDHWM, 0)
+    del _z
+except Exception:
+    pass"""
 
 
 def kernel_argv(python: str) -> list[str]:
@@ -184,7 +189,6 @@ class Kernel:
         self._ready = False  # the handshake is done: status messages are the kernel's state
         self._iopub_seen = asyncio.Event()
         self._uncredited = 0  # characters of output taken since the last credit
-        self._images = itertools.count(1)
         self._queue = asyncio.Lock()
         self._lifecycle = asyncio.Lock()  # one restart or shutdown at a time
         self._current: Execution | None = None
@@ -216,7 +220,7 @@ class Kernel:
         try:
             channel = await self._runtime.channel()
             port, pid = await channel.start_kernel(
-                kernel_argv(self._runtime.python), key, self._runtime.env()
+                kernel_argv(self._runtime.python), key, self._runtime.env(), self.kernel_id
             )
         except ChannelClosed as exc:
             raise self._died(f"the sandbox's agent is gone ({exc})") from None
@@ -378,7 +382,7 @@ class Kernel:
         execution = Execution(
             execution_id=execution_id,
             kernel_id=self.kernel_id,
-            save=self._save_image,
+            workspace=self._runtime.workspace,
             text_cap=self._text_cap,
             notify=self._notify,
         )
@@ -440,28 +444,6 @@ class Kernel:
         name = "TimeoutError" if status == "timeout" else "ExecutionCancelled"
         traceback = execution.error.traceback if execution.error else []
         return execution.result(status, t.ErrorInfo(name, evalue, traceback))
-
-    async def _save_image(self, ext: str, payload: bytes) -> tuple[str, str | None] | None:
-        """Saves a display's image in the workspace's `images/` under a name of the kernel's (an
-        executionId is the client's tag, never part of a file name); its file and path."""
-        for _ in range(100):
-            file = f"images/{self.kernel_id}-{next(self._images)}.{ext}"
-            saved = await self._runtime_save(file, payload)
-            if saved is None:
-                return None
-            if saved:
-                workspace = self._runtime.workspace
-                return file, None if workspace is None else str(workspace / file)
-        return None
-
-    async def _runtime_save(self, file: str, payload: bytes) -> bool | None:
-        from cellboxd import files
-
-        try:
-            return await files.create(self._runtime, file, payload)
-        except errors.CellboxError as exc:
-            log.warning("kernel %s: cannot save an image as %s: %s", self.kernel_id, file, exc.message)
-            return None
 
     def _death_error(self) -> t.ErrorInfo:
         if self.closed:
@@ -527,7 +509,7 @@ class Kernel:
                     execution.on_iopub(msg.msg_type, {**content, "text": text[start : start + _CHUNK]})
                     await self._drain()
             elif msg.msg_type in ("execute_result", "display_data"):
-                await execution.on_output(msg.msg_type, content)
+                execution.on_output(msg.msg_type, content)
             else:
                 execution.on_iopub(msg.msg_type, content)
         # a client that reads slowly slows the reading of the kernel's output, and the

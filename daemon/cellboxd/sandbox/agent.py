@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from cellboxd.sandbox import files, wire
+from cellboxd.sandbox import files, outputs, wire
 
 HIGH_WATER = 4 << 20  # bytes waiting for the channel before kernels and commands are not read
 TAIL = 16 << 10  # bytes of a kernel's own output kept for the daemon's error messages
@@ -84,10 +84,11 @@ class _Child:
 
 class _Kernel(_Child):
     def __init__(
-        self, proc: subprocess.Popen[bytes], base: str, sockets: dict[int, Any], credits: int
+        self, proc: subprocess.Popen[bytes], base: str, sockets: dict[int, Any], credits: int, name: str
     ) -> None:
         super().__init__(proc)
         self.base = base
+        self.name = name  # what its images are named after
         self.sockets = sockets  # channel number -> zmq socket
         self.credits = credits
         self.tail: collections.deque[bytes] = collections.deque()
@@ -109,6 +110,7 @@ class Agent:
 
     def __init__(self, workspace: files.Workspace, folder: str | None, rx: int = 0, tx: int = 1) -> None:
         self.workspace = workspace
+        self.images = outputs.Images(workspace)
         self.rx, self.tx = rx, tx
         self.context = zmq.Context()
         self.poller = zmq.Poller()
@@ -320,13 +322,17 @@ class Agent:
             socket = self.context.socket(zmq.SUB if name == "iopub" else zmq.DEALER)
             socket.linger = 0
             if name == "iopub":
+                # PUB drops what a full queue does not take: here it queues while the agent waits
+                # for the channel (the kernel's streams wait for their credits)
+                socket.rcvhwm = 0
                 socket.subscribe(b"")
             socket.connect(f"ipc://{base}-{port}")
             sockets[wire.CHANNEL[name]] = socket
             self.sockets[socket] = (slot, wire.CHANNEL[name])
             if not self.paused:
                 self.poller.register(socket, zmq.POLLIN)
-        kernel = self.kernels[slot] = _Kernel(proc, base, sockets, credits_fd)
+        name = str(args.get("name") or f"k{slot}")
+        kernel = self.kernels[slot] = _Kernel(proc, base, sockets, credits_fd, name)
         self._watch_pipe(kernel, read_end, kernel.keep)
         return {"pid": proc.pid}, b""
 
@@ -342,14 +348,20 @@ class Agent:
 
     def read_socket(self, socket: Any) -> None:
         slot, channel = self.sockets[socket]
+        kernel = self.kernels[slot]
         for _ in range(_BATCH):
             try:
                 parts = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.send(*wire.kernel_pieces(slot, channel, parts))
+            self.forward(slot, kernel, channel, parts)
             if self.paused:
                 return
+
+    def forward(self, slot: int, kernel: _Kernel, channel: int, parts: list[bytes]) -> None:
+        """Passes one of a kernel's messages on (see outputs.py)."""
+        for message in outputs.pass_on(parts, kernel.name, self.images):
+            self.send(*wire.kernel_pieces(slot, channel, message))
 
     def credit(self, slot: int, count: int) -> None:
         kernel = self.kernels.get(slot)
@@ -365,7 +377,7 @@ class Agent:
                     parts = socket.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self.send(*wire.kernel_pieces(slot, channel, parts))
+                self.forward(slot, kernel, channel, parts)
             if socket in self.sockets:
                 del self.sockets[socket]
                 if not self.paused:

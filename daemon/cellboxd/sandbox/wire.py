@@ -23,6 +23,7 @@ KERNEL, CALL, REPLY, EVENT, CREDIT = 1, 2, 3, 4, 5
 CHANNELS = ("shell", "iopub", "stdin", "control")
 CHANNEL = {name: index for index, name in enumerate(CHANNELS)}
 MAX_FRAME = 1 << 28  # bytes: a larger frame ends the channel
+MAX_FILE_PIECE = 64 << 20  # bytes of a file one call moves, at the most (the file_cap setting)
 
 _HEAD = struct.Struct("!IBI")
 _U32 = struct.Struct("!I")
@@ -110,11 +111,11 @@ class Parser:
     piece read.
     """
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, limits: dict[int, int] | None = None) -> None:
         self._buffer = bytearray()  # what is not a whole frame yet
         self._pieces: list[bytes | memoryview] = []  # a large frame, as it came
         self._needed = 0  # bytes the large frame still needs
-        self._max = max_frame
+        self._limits = limits or {}  # the largest frame of a type (others: MAX_FRAME)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes | memoryview]]:
         frames: list[tuple[int, int, bytes | memoryview]] = []
@@ -135,8 +136,8 @@ class Parser:
         start, end = 0, len(buffer)
         while end - start >= 9:
             size, kind, ident = _HEAD.unpack_from(buffer, start)
-            if size < 5 or size > self._max:
-                raise FrameError(f"a frame of {size} bytes (at most {self._max})")
+            if size < 5 or size > (limit := self._limits.get(kind, MAX_FRAME)):
+                raise FrameError(f"a frame of type {kind} of {size} bytes (at most {limit})")
             if end - start < 4 + size:
                 if size > 1 << 16:  # a large frame begun: the rest is kept as it comes
                     self._pieces = [bytes(buffer[start:])]
