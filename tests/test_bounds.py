@@ -1,15 +1,18 @@
 """Whatever a kernel sends, however big, the daemon holds a bounded amount of it: huge displays,
 images, tracebacks and raw messages, and floods of small displays, each with the daemon's peak
-RSS read from /proc."""
+RSS read from /proc; and while sandboxes flood, the others and the daemon itself are served."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cellbox import AsyncClient
 from cellboxd.sandbox.outputs import MESSAGE_BOUND
 from tests.bench import procfs
 from tests.rpc import Daemon
@@ -117,9 +120,52 @@ def test_huge_unknown_and_comm_messages_are_cut_not_held(bounded: tuple[Daemon, 
     code = (
         RAW.format(kind="comm_msg", content="{'comm_id': 'c', 'data': {'blob': 'z' * 80_000_000}}")
         + RAW.format(kind="no_such_type", content="{'junk': ['j' * 1000] * 80_000}")
+        # a display whose message metadata (not its content's) is huge
+        + RAW.format(kind="display_data", content="{'data': {'text/plain': 'm'}, 'metadata': {}}").replace(
+            ")\n", ", metadata={'x': 'y' * 50_000_000})\n"
+        )
         + "'still here'"
     )
     result, peak = _run(d, kernel, code, "ex-raw-other")
     assert result["status"] == "ok" and result["text"] == "'still here'\n"
     assert peak < PEAK_MB, f"peak RSS {peak:.0f} MB"
+    assert [n["data"] for n in _displays(d, "ex-raw-other")] == [
+        {"text/plain": "m"},
+        {"text/plain": "'still here'"},
+    ]
     assert d.request("cellbox/execute", {"kernelId": kernel, "code": "6 * 7"})["text"] == "42\n"
+
+
+async def test_a_quiet_sandbox_and_the_daemon_answer_while_eight_others_flood(cellbox_home: Path) -> None:
+    flood = (
+        "from IPython.display import display\nline = 'f' * 1023\nwhile True:\n"
+        "    for _ in range(2000):\n        print(line)\n"
+        "    display({'text/plain': 'd' * 3_000_000}, raw=True)"
+    )
+    async with AsyncClient([sys.executable, "-m", "cellboxd", "serve"]) as client:
+        flooders = [await (await client.create_sandbox("local")).start_kernel() for _ in range(8)]
+        quiet = await (await client.create_sandbox("local")).start_kernel()
+        floods = [kernel.stream(flood) for kernel in flooders]
+        received = [0] * len(floods)
+        flowing = asyncio.Event()
+
+        async def take(i: int) -> None:  # a client that reads all, and throws it away
+            async for event in floods[i]:
+                received[i] += len(getattr(event, "text", "") or "")
+                if all(received):
+                    flowing.set()
+
+        readers = [asyncio.create_task(take(i)) for i in range(len(floods))]
+        await asyncio.wait_for(flowing.wait(), 120)
+        # while every flood goes on: the quiet kernel's executes, and the daemon's own requests
+        for n in range(20):
+            assert (await quiet.execute(f"{n} + 1")).text == f"{n + 1}\n"
+        assert len(await client.list_sandboxes()) == 9
+        extra = await client.create_sandbox("local")
+        assert (await (await extra.start_kernel()).execute("'fresh'")).text == "'fresh'\n"
+        assert not any(reader.done() for reader in readers), "a flood ended by itself"
+        for kernel in flooders:
+            await kernel.interrupt()
+        results = await asyncio.gather(*(flood.result() for flood in floods))
+        await asyncio.gather(*readers)
+    assert all(r.error is not None and r.error.ename == "KeyboardInterrupt" for r in results)

@@ -370,6 +370,31 @@ def test_outputs_of_parallel_kernels_do_not_mix(shared_daemon: Daemon) -> None:
         assert streamed == result["text"]
 
 
+def test_pipelined_executes_on_many_kernels_never_cross_answers(shared_daemon: Daemon) -> None:
+    # 16 kernels, each sent its 250 executes at once before any answer is read: every answer,
+    # its streamed text and its value, must be its own cell's
+    d = shared_daemon
+    sandboxes = [d.request("cellbox/createSandbox", {})["sandboxId"] for _ in range(4)]
+    kernels = [
+        d.request("cellbox/startKernel", {"sandboxId": sandboxes[i % 4]})["kernelId"] for i in range(16)
+    ]
+    expected: dict[int, tuple[str, str]] = {}
+    for i in range(250):
+        for k, kernel in enumerate(kernels):
+            n = k * 1000 + i
+            params = {"kernelId": kernel, "code": f"print('c{n}')\n{n} * 3", "executionId": f"x-{n}"}
+            expected[d.start(EXECUTE, params)] = (f"x-{n}", f"c{n}\n{n * 3}\n")
+    for msg_id, (execution_id, text) in expected.items():
+        result = d.response(msg_id, timeout=300)["result"]
+        assert (result["executionId"], result["status"], result["text"]) == (execution_id, "ok", text)
+    streamed: dict[str, str] = {}
+    for note in d.notes("cellbox/output"):
+        if note["executionId"].startswith("x-"):
+            streamed[note["executionId"]] = streamed.get(note["executionId"], "") + note["text"]
+    assert streamed == {execution_id: text.split("\n")[0] + "\n" for execution_id, text in expected.values()}
+    d.notifications.clear()
+
+
 def _gone(pid: int, within: float) -> bool:
     import os
 

@@ -39,6 +39,7 @@ _CHUNK = 1 << 20  # characters of output per notification, at the most
 _SHELL, _IOPUB, _CONTROL = CHANNEL["shell"], CHANNEL["iopub"], CHANNEL["control"]
 _STOP_WAIT = 5.0  # seconds for a process to end once it was killed
 _SHUTDOWN_WAIT = 2.0  # seconds a kernel gets to end after a shutdown_request
+UNDRAINED = 64 << 10  # bytes of a kernel's messages sent on before its client is waited for
 
 # Run in each kernel at start. ipykernel sends what a cell prints every 0.2 s however much it
 # is, so a cell that prints fast makes messages of many MB; and nothing stops a kernel from
@@ -189,6 +190,7 @@ class Kernel:
         self._ready = False  # the handshake is done: status messages are the kernel's state
         self._iopub_seen = asyncio.Event()
         self._uncredited = 0  # characters of output taken since the last credit
+        self._undrained = 0  # bytes of messages read since the client was last waited for
         self._queue = asyncio.Lock()
         self._lifecycle = asyncio.Lock()  # one restart or shutdown at a time
         self._current: Execution | None = None
@@ -487,13 +489,13 @@ class Kernel:
             try:
                 msg = decode(frames)
                 if channel == _IOPUB:
-                    await self._on_iopub(process, msg)
+                    await self._on_iopub(process, msg, sum(len(frame) for frame in frames))
                 elif channel == _SHELL:
                     self._on_shell(msg)
             except Exception as exc:  # the sandbox's code can send anything: one message is lost
                 log.warning("kernel %s: ignored a message: %r", self.kernel_id, exc)
 
-    async def _on_iopub(self, process: _Process, msg: Message) -> None:
+    async def _on_iopub(self, process: _Process, msg: Message, size: int) -> None:
         self._iopub_seen.set()
         content = msg.content
         if msg.msg_type == "status" and self._ready and not self._restarting:
@@ -512,9 +514,13 @@ class Kernel:
                 execution.on_output(msg.msg_type, content)
             else:
                 execution.on_iopub(msg.msg_type, content)
-        # a client that reads slowly slows the reading of the kernel's output, and the
-        # daemon holds no more than the writer's high-water mark
-        await self._drain()
+        # a client that reads slowly slows the reading of the kernel's output, and the daemon
+        # holds no more than the writer's high-water mark, and UNDRAINED bytes of each kernel's:
+        # a kernel that sends little is not held back behind the floods of others
+        self._undrained += size
+        if self._undrained > UNDRAINED:
+            self._undrained = 0
+            await self._drain()
         if msg.msg_type == "stream":
             self._credit(process, content.get("text"))
 

@@ -73,6 +73,7 @@ async def _session(bench: cases.Bench, backend: str, log: Console) -> list[Row]:
             ("round trip", cases.round_trip),
             ("parallel", cases.parallel),
             ("streaming", cases.streaming),
+            ("short lines", cases.short_lines),
             ("big line", cases.big_line),  # last: it may take the daemon down
         ):
             rows += await _case(log, name, backend, functools.partial(measure, s, bench.plan))
@@ -117,6 +118,11 @@ async def run(
             count = plan.churn if backend == "local" else plan.docker_churn
             churn = functools.partial(cases.churn, bench, backend, count)
             rows += await _case(log, "churn", backend, churn, max(cases.BUDGET, 10.0 * count))
+            fairness = functools.partial(cases.fairness, bench, backend, plan)
+            rows += await _case(log, "fairness", backend, fairness)
+            count = plan.scale if backend == "local" else plan.docker_scale
+            scale = functools.partial(cases.scale, bench, backend, count)
+            rows += await _case(log, "scale", backend, scale, max(cases.BUDGET, 10.0 * count))
     return rows
 
 

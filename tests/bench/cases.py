@@ -15,7 +15,7 @@ from typing import Any
 import docker
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from cellbox import AsyncClient, CellboxError, PoolSpec
+from cellbox import AsyncClient, AsyncExecution, CellboxError, PoolSpec
 from cellbox import types as t
 from cellboxd.backends.docker.sandbox import LABEL_DAEMON_PID
 from tests.bench import procfs
@@ -39,6 +39,13 @@ BLOCK = 25  # round trips per side in turn, so that a load on the machine hits b
 WARM_WINDOW = 0.3  # seconds the parallel loops run before counting starts
 SETTLE = 0.5  # seconds a daemon gets to go quiet before its memory, fds and children are read
 CHURN_CONCURRENCY = 4  # sandboxes alive at once in the churn case
+FLOODERS = 8  # sandboxes flooding in the fairness case
+# prints 1 KiB lines and displays 3 MB, without end
+FLOOD = (
+    "from IPython.display import display\nline = 'f' * 1023\nwhile True:\n"
+    "    for _ in range(2000):\n        print(line)\n"
+    "    display({'text/plain': 'd' * 3_000_000}, raw=True)"
+)
 BUDGET = 300.0  # seconds a case may take before it is abandoned (churn: 10 s a sandbox)
 
 
@@ -51,15 +58,19 @@ class Plan:
     windows: int  # windows per side, taken in turn
     stream_mb: int
     stream_runs: int
+    short_lines: int
     big_line_mb: int
     starts: int  # daemons spawned for the daemon start case
     first_results: int  # per backend
     churn: int  # local sandboxes
     docker_churn: int  # docker sandboxes: each one adds about 0.4 s to the run
+    fair_rounds: int  # executes timed on the quiet sandbox while the others flood
+    scale: int  # local sandboxes alive at once, each with a kernel
+    docker_scale: int  # docker ones
 
 
-FULL = Plan(500, 2.0, 3, 100, 3, 50, 5, 3, 64, 64)
-QUICK = Plan(100, 1.0, 1, 10, 1, 10, 2, 1, 16, 8)
+FULL = Plan(500, 2.0, 3, 100, 3, 200_000, 50, 5, 3, 64, 64, 200, 100, 50)
+QUICK = Plan(100, 1.0, 1, 10, 1, 50_000, 10, 2, 1, 16, 8, 30, 10, 5)
 
 
 @dataclass
@@ -333,6 +344,28 @@ async def streaming(s: Session, plan: Plan) -> list[Row]:
     ]
 
 
+async def short_lines(s: Session, plan: Plan) -> list[Row]:
+    """One cell printing `short_lines` lines of 16 bytes: seconds until the client has them all
+    (the cost of bounding a kernel's output, paid per write)."""
+    code = f"for i in range({plan.short_lines}):\n    print('%015d' % i)"
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(plan.stream_runs):
+        ours.append(await _timed_stream(s.cellbox[0], code, plan.short_lines * 16))
+        theirs.append(await _timed_stream(s.baseline[0], code, plan.short_lines * 16))
+    return [
+        Row(
+            f"{plan.short_lines:,} short lines",
+            s.backend,
+            "s",
+            statistics.median(ours),
+            statistics.median(theirs),
+            Target("ratio_max", 1.0),
+            details={"cellbox_runs": ours, "baseline_runs": theirs},
+        )
+    ]
+
+
 async def big_line(s: Session, plan: Plan) -> list[Row]:
     """One cell printing a single line of `big_line_mb` MiB: it completes, and the daemon's peak."""
     code = f"print('x' * {plan.big_line_mb * MB})"
@@ -521,3 +554,86 @@ async def churn(bench: Bench, backend: str, total: int) -> list[Row]:
             )
         )
     return rows
+
+
+# -- fairness and scale -----------------------------------------------------------------------
+
+
+async def _discard(execution: AsyncExecution, flowing: asyncio.Event) -> None:
+    async for _ in execution:
+        flowing.set()
+
+
+async def fairness(bench: Bench, backend: str, plan: Plan) -> list[Row]:
+    """While FLOODERS sandboxes print and display without end, another sandbox's `execute("1")`
+    and the daemon's own `listSandboxes`: their p50 and p99."""
+    kind = backend_of(backend)
+    async with bench.daemon(backend) as client:
+        async with cellbox_call(f"{FLOODERS + 1} {backend} sandboxes", 300):
+            flooders = [await (await client.create_sandbox(kind)).start_kernel() for _ in range(FLOODERS)]
+            quiet = CellboxDriver(await (await client.create_sandbox(kind)).start_kernel())
+        floods = [kernel.stream(FLOOD) for kernel in flooders]
+        started = [asyncio.Event() for _ in floods]
+        readers = [asyncio.create_task(_discard(f, e)) for f, e in zip(floods, started, strict=True)]
+        executes: list[float] = []
+        listings: list[float] = []
+        try:
+            async with cellbox_call("the floods' first output", 120):
+                await gather_all(*(event.wait() for event in started))
+            await _latencies(quiet, WARMUP)
+            for _ in range(plan.fair_rounds):
+                executes += await _latencies(quiet, 1)
+                before = time.perf_counter()
+                async with cellbox_call("listSandboxes while floods run", 60):
+                    await client.list_sandboxes()
+                listings.append(time.perf_counter() - before)
+            flooding = not any(reader.done() for reader in readers)
+        finally:
+            with contextlib.suppress(CellboxError):
+                await gather_all(*(kernel.interrupt() for kernel in flooders))
+            await asyncio.wait(readers, timeout=60)
+            for reader in readers:
+                reader.cancel()
+    if not flooding:
+        raise CellboxFailed("a flood ended before the executes did")
+    label = f"fairness, {FLOODERS} flooding"
+    target = Target("max", 250, "ms")
+    return [
+        Row(f"{label}: execute p50", backend, "ms", _percentile(executes, 50) * 1000),
+        Row(f"{label}: execute p99", backend, "ms", _percentile(executes, 99) * 1000, target=target),
+        Row(f"{label}: listSandboxes p99", backend, "ms", _percentile(listings, 99) * 1000, target=target),
+    ]
+
+
+async def scale(bench: Bench, backend: str, count: int) -> list[Row]:
+    """`count` sandboxes with a running kernel each on one daemon: its RSS, and its fds and
+    threads per sandbox; every kernel answering; a new sandbox's first result under that load."""
+    kind = backend_of(backend)
+    async with bench.daemon(backend) as client:
+        idle = await _footprint(bench, backend, client.pid)
+        slots = asyncio.Semaphore(CHURN_CONCURRENCY)
+        drivers: list[CellboxDriver] = []
+
+        async def make() -> None:
+            async with slots, cellbox_call(f"a {backend} sandbox of {count}", 120):
+                driver = CellboxDriver(await (await client.create_sandbox(kind)).start_kernel())
+                await driver.execute("1")
+                drivers.append(driver)
+
+        await gather_all(*(make() for _ in range(count)))
+        loaded = await _footprint(bench, backend, client.pid)
+        async with cellbox_call(f"an execute on each of {count} kernels", 300):
+            await gather_all(*(driver.execute("1") for driver in drivers))
+        first = [
+            await _first_result(client, backend, f"a first result among {count} sandboxes")
+            for _ in range(bench.plan.first_results)
+        ]
+    label = f"scale {count}"
+    per = {key: (loaded[key] - idle[key]) / count for key in ("fds", "threads")}
+    return [
+        Row(f"{label}: daemon RSS", backend, "MB", loaded["rss"], target=Target("max", 150, "MB")),
+        # a sandbox's channel: the agent's three pipes (local), its socket (docker)
+        Row(f"{label}: daemon fds per sandbox", backend, "", per["fds"], target=Target("max", 3)),
+        Row(f"{label}: daemon threads per sandbox", backend, "", per["threads"], target=Target("max", 0)),
+        Row(f"{label}: first result", backend, "s", statistics.median(first), target=Target("max", 2.0, "s")),
+    ]

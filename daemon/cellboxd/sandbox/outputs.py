@@ -80,6 +80,11 @@ def pass_on(parts: list[bytes], name: str, images: Images) -> list[list[bytes]]:
     if not isinstance(content, dict):
         return [parts] if not big else []
     head = parts[: at + 4]  # ids, delimiter, signature, header, parent and metadata
+    rest = parts[at + 5 :]  # binary buffers
+    if big:  # what the daemon does not read goes; a message whose header is that big, too
+        head[-1], rest = b"{}", []
+        if size(head) > MESSAGE_BOUND // 2:
+            return []
     if msg_type == "stream" and big and isinstance(text := content.get("text"), str):
         return [
             [*head, _dump({**content, "text": text[start : start + STREAM_PIECE]})]
@@ -98,7 +103,7 @@ def pass_on(parts: list[bytes], name: str, images: Images) -> list[list[bytes]]:
     out = _dump({**content, KEY: extra})
     if size([*head, out]) > MESSAGE_BOUND:  # escapes beyond the estimate: keep the bare message
         out = _dump({KEY: {**extra, "truncated": True}})
-    return [[*head, out]]
+    return [[*head, out, *rest]]
 
 
 def _save_image(data: dict[str, Any], name: str, images: Images, drop: bool) -> str | None:
