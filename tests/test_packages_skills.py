@@ -153,6 +153,7 @@ def test_modules_below_any_kind_of_parent_are_found_or_module_not_found(
     (skills / "regular" / "space" / "deeper").mkdir(parents=True)
     (skills / "regular" / "__init__.py").write_text(run_marker)
     (skills / "regular" / "space" / "deeper" / "mod.py").write_text("A = 1\n")
+    (skills / "regular" / "other.py").write_text("D = 4\n")
     # namespace packages all the way down
     (skills / "nsonly" / "inner").mkdir(parents=True)
     (skills / "nsonly" / "inner" / "leaf.py").write_text("B = 2\n")
@@ -171,11 +172,21 @@ def test_modules_below_any_kind_of_parent_are_found_or_module_not_found(
         )
 
     try:
-        found = ask("regular.space.deeper.mod", "nsonly.inner.leaf", "broken.child")["result"]["sources"]
+        # several below one package, and the package itself after them
+        modules = (
+            "regular.space.deeper.mod",
+            "regular.other",
+            "regular",
+            "nsonly.inner.leaf",
+            "broken.child",
+        )
+        found = ask(*modules)["result"]["sources"]
     finally:
         (skills / "sitecustomize.py").unlink()
     assert found == {
         "regular.space.deeper.mod": "A = 1\n",
+        "regular.other": "D = 4\n",
+        "regular": run_marker,
         "nsonly.inner.leaf": "B = 2\n",
         "broken.child": "C = 3\n",
     }

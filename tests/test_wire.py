@@ -203,6 +203,20 @@ def test_a_frame_longer_than_its_length_is_refused_and_the_next_header_found(sha
             assert "result" in d.response(msg_id, timeout=10), (long_by, msg_id)
 
 
+def test_a_header_inside_a_string_or_after_a_long_remnant_is_found_right(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    code = "print('time: 5 Content-Length: 5')" + "#" * 40_000
+    # not UTF-8, with a header's text in a string: answered with its id, nothing after it lost
+    bad = b'{"jsonrpc": "2.0", "id": "in-string", "method": "m", "params": {"x": "Content-Length: 5 \xff"}}'
+    d.send_bytes(_frame(bad) + _frame(_request("after-string")))
+    assert d.response("in-string", timeout=10)["error"]["code"] == -32700
+    assert "result" in d.response("after-string", timeout=10)
+    for cut in (20, 45, 100):  # remnants that look like a header, hold one in a string, are long
+        body = _request(f"remnant-{cut}", "cellbox/execute", {"kernelId": "k-none", "code": code})
+        d.send_bytes(_frame(body, cut) + _frame(_request(f"after-{cut}")))
+        assert "result" in d.response(f"after-{cut}", timeout=10), cut
+
+
 def test_extra_headers_and_unknown_notifications_are_fine(shared_daemon: Daemon) -> None:
     d = shared_daemon
     body = json.dumps(

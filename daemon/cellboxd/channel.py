@@ -42,7 +42,7 @@ BOOT = "import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),'<cellbo
 _MODULES = ("wire", "files", "outputs", "agent")  # of cellboxd.sandbox, in the order they are defined
 # The largest frame of each type the daemon takes from an agent (a larger one ends the channel):
 # whatever the sandbox's code does, the daemon holds no more than that of one frame. Replies
-# carry file pieces and listings (files.LIST_LIMIT entries); events, command output in MiBs.
+# carry file pieces or listings (at most sandbox/files.LIST_BYTES); events, command output in MiBs.
 AGENT_FRAMES = {
     wire.KERNEL: outputs.MESSAGE_BOUND,
     wire.EVENT: 4 << 20,

@@ -3,16 +3,14 @@
 It streams each output as a notification and collects the ExecuteResult: `text` capped at
 the daemon's limit, rich outputs, their images' files (the sandbox's agent saved them in the
 workspace's `images/` folder and named them in the message), the error, and how the execution
-ended. Stream text is
-coalesced: chunks of one stream that arrive within `COALESCE_SECONDS` of each other go out as
-one notification (at most `COALESCE_CHARS` characters wait), and anything else that goes out,
-or the end, sends what waits first, so order is kept.
+ended. Stream text is coalesced: chunks of one stream that arrive within `COALESCE_SECONDS` of
+each other go out as one notification (at most `COALESCE_CHARS` characters wait), and
+anything else that goes out, or the end, sends what waits first, so order is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +19,6 @@ from typing import Any
 from cellbox import methods
 from cellbox import types as t
 from cellboxd.sandbox.outputs import IMAGE_EXT, KEY
-
-log = logging.getLogger(__name__)
 
 Notify = Callable[[str, Any], None]
 

@@ -38,10 +38,6 @@ class _Listing(msgspec.Struct):
     truncated: bool = False
 
 
-class _Created(msgspec.Struct):
-    created: bool
-
-
 _Answer = TypeVar("_Answer", bound=msgspec.Struct)
 
 
@@ -81,12 +77,6 @@ async def list_files(runtime: SandboxRuntime, params: t.ListFilesParams) -> t.Li
 
 async def delete(runtime: SandboxRuntime, params: t.DeleteFileParams) -> None:
     await _call(runtime, msgspec.Struct, "file.delete", params.path, recursive=params.recursive)
-
-
-async def create(runtime: SandboxRuntime, path: str, content: bytes) -> bool:
-    """Writes a new file (an image of a display); False when the name is taken."""
-    made, _ = await _call(runtime, _Created, "file.create", path, content)
-    return made.created
 
 
 async def _call(

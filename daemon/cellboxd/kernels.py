@@ -98,15 +98,18 @@ def _cellbox_bound(path, limit={limit}, ahead={ahead}):
                     hand_over()
                     credit()
             return size
-        send = getattr(stream, "_flush", None)  # ipykernel's, on its IO thread
-        send = getattr(send, "_cellbox", send)
-        sending = [0]  # its runs under way: what they took from the buffers is not queued yet
-        def counted():
-            sending[0] += 1
-            try:
-                send()
-            finally:
-                sending[0] -= 1
+        counted = getattr(stream, "_flush", None)  # ipykernel's, run on its IO thread
+        if counted is not None and not hasattr(counted, "_cellbox"):
+            send, sending = counted, [0]  # runs under way: what they took is not queued yet
+            def counted():
+                sending[0] += 1
+                try:
+                    send()
+                finally:
+                    sending[0] -= 1
+            counted._cellbox, counted.sending = send, sending
+            stream._flush = counted
+        sending = getattr(counted, "sending", [0])
         def quick_flush():
             try:  # the buffers first: then a run that takes from them after the look is counted
                 idle = not any(b.tell() for b in [*stream._buffers.values()]) and not sending[0]
@@ -114,10 +117,8 @@ def _cellbox_bound(path, limit={limit}, ahead={ahead}):
                 idle = False
             if not idle:
                 flush()
-        bounded._cellbox, quick_flush._cellbox, counted._cellbox = True, flush, send
+        bounded._cellbox, quick_flush._cellbox = True, flush
         stream.write, stream.flush = bounded, quick_flush
-        if send is not None:
-            stream._flush = counted
     def bound_both(*_):
         bound(_s.stdout)
         bound(_s.stderr)
@@ -127,8 +128,9 @@ _cellbox_bound({path!r})
 del _cellbox_bound
 try:  # IOPub's PUB socket drops what its reader is slow to take: let it queue instead
     import zmq as _z
-    get_ipython().kernel.iopub_thread.socket.setsockopt(_z.SNDHWM, 0)
-    del _z
+    _t = get_ipython().kernel.iopub_thread  # the socket is its thread's to touch
+    _t.schedule(lambda t=_t, z=_z: t.socket.setsockopt(z.SNDHWM, 0))
+    del _t, _z
 except Exception:
     pass"""
 

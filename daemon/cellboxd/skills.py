@@ -32,7 +32,7 @@ def find(name):
         path = list(spec.submodule_search_locations)
         if spec.name not in sys.modules:
             sys.modules[spec.name] = parent = types.ModuleType(spec.name)
-            parent.__path__ = path
+            parent.__path__, parent.__spec__ = path, spec
         spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), path)
     return spec
 
@@ -78,8 +78,11 @@ def format_sources(modules: list[str], sources: dict[str, str]) -> str:
 async def skill_sources(runtime: SandboxRuntime, modules: list[str]) -> t.GetSkillSourcesResult:
     unique = list(dict.fromkeys(modules))
     result = await runtime.run([runtime.python, "-c", _RESOLVER, *unique])
+    _, mark, answer_json = result.stdout.rpartition(MARK)
     try:
-        answer = msgspec.json.decode(result.stdout.rpartition(MARK)[2], type=_Answer)
+        if not mark:
+            raise msgspec.DecodeError("no answer")
+        answer = msgspec.json.decode(answer_json, type=_Answer)
     except msgspec.DecodeError:
         raise errors.InternalError(
             f"looking up module sources failed (exit code {result.returncode}): {result.stderr.strip()}"

@@ -34,9 +34,15 @@ _CHUNK = 1 << 20
 _JOIN_BELOW = 64 * 1024  # a body smaller than this goes out in one write with its header
 _HEADER_NAME = re.compile(rb"[A-Za-z0-9-]+")
 _NAME = b"content-length"
-_CONTENT_LENGTH = re.compile(_NAME + rb"[ \t]*:", re.IGNORECASE)
+# a Content-Length header ending a line: in a body, where a raw line end cannot be inside a JSON
+# string; on a line, where what comes before it is the rest of a body whose length was wrong
+_BODY_HEADER = re.compile(_NAME + rb"[ \t]*:[ \t]*[0-9]+[ \t]*\r?\n", re.IGNORECASE)
+_LINE_HEADER = re.compile(_NAME + rb"[ \t]*:[ \t]*[0-9]+[ \t]*$", re.IGNORECASE)
+_AFTER_NAME = re.compile(rb"[ \t]*(?::[ \t]*[0-9]*[ \t]*\r?)?")
+_KEEP_OF_LONG_LINE = 64  # bytes kept of a line too long to be a header: one may end it
 _ID_SCAN_BYTES = 1 << 20  # how far into a body that does not parse its `id` is looked for
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# a string (one left open takes the rest: no backtracking over the body), or a bracket
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
 _ID_VALUE = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*(-?[0-9]+(?![0-9.eE])|"(?:[^"\\]|\\.)*")', re.DOTALL)
 
 _encoder = msgspec.json.Encoder()
@@ -357,11 +363,19 @@ class _Frames:
             self.back, self.at = b"", 0
         return piece
 
-    async def line(self) -> bytes:
+    async def line(self) -> bytes | None:
+        """The next line; None for one too long to be a header, of which only the end is kept
+        (a header may end it, after the rest of a body whose length was wrong)."""
         end = self.back.find(b"\n", self.at)
         if end >= 0:
             return self._take(end + 1 - self.at)
-        return self._take(len(self.back)) + await self.reader.readuntil(b"\n")
+        head = self._take(len(self.back))
+        try:
+            return head + await self.reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            dropped = head + await self.reader.readexactly(exc.consumed)
+            self.put_back(dropped[-_KEEP_OF_LONG_LINE:])
+            return None
 
     async def exactly(self, n: int) -> bytes:
         head = self._take(n)
@@ -401,8 +415,7 @@ async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -
                 line = await frames.line()
             except asyncio.IncompleteReadError:
                 return
-            except asyncio.LimitOverrunError as exc:
-                await reader.readexactly(exc.consumed)
+            if line is None:
                 bad("a header line is too long")
                 continue
             text = line.strip()
@@ -410,12 +423,10 @@ async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -
                 if length is not None:
                     break
                 continue
-            name, sep, value = text.partition(b":")
-            if (not sep or not _HEADER_NAME.fullmatch(name.strip())) and (
-                found := _CONTENT_LENGTH.search(text)
-            ):
+            if (found := _LINE_HEADER.search(text)) is not None and found.start():
                 bad(f"not a header line: {text[: min(found.start(), 60)]!r}")
-                name, sep, value = text[found.start() :].partition(b":")
+                text = text[found.start() :]
+            name, sep, value = text.partition(b":")
             if not sep or not _HEADER_NAME.fullmatch(name.strip()):
                 bad(f"not a header line: {text[:60]!r}")
             elif name.strip().lower() == b"content-length":
@@ -455,14 +466,14 @@ async def read_frames(reader: asyncio.StreamReader, protocol: CellboxProtocol) -
 
 def _next_header(body: bytes) -> tuple[int, bool] | None:
     """Where the next frame's header starts in a body that does not parse, and whether it is
-    all there: a `Content-Length` header inside it, or the start of one at its end (the body
-    was shorter than it said, and took the next header's first bytes)."""
-    if (found := _CONTENT_LENGTH.search(body)) is not None:
+    all there: a `Content-Length` header line inside it, or the start of one at its end (the
+    body was shorter than its length said, and took the next header's first bytes)."""
+    if (found := _BODY_HEADER.search(body)) is not None:
         return found.start(), True
-    tail = body[-len(_NAME) :].lower()
-    for size in range(len(tail), 0, -1):
-        if _NAME.startswith(tail[-size:]):
-            return len(body) - size, False
+    for start in range(max(0, len(body) - 40), len(body)):
+        tail = body[start:].lower()
+        if _NAME.startswith(tail) or (tail.startswith(_NAME) and _AFTER_NAME.fullmatch(tail, len(_NAME))):
+            return start, False
     return None
 
 

@@ -5,8 +5,9 @@ engine's exec API, or as a child process) and sends its code down its stdin, so 
 of cellbox has to be in the image and the agent is always the daemon's own version. From then
 on stdin and stdout carry frames (wire.py) and stderr the agent's own complaints. It acts with
 the sandbox's rights only: it starts and signals kernels, moves their zmq messages to and from
-the channel, hands them output credits, runs commands (installs, skill lookups) and reads and
-writes the workspace (files.py). Whatever the sandbox's code does to the agent, the daemon
+the channel (saving their output images in the workspace and cutting messages too big for the
+daemon, outputs.py), hands them output credits, runs commands (installs, skill lookups) and
+reads and writes the workspace (files.py). Whatever the sandbox's code does to the agent, the daemon
 treats what comes out of the channel as untrusted.
 
 Where the daemon offers one, the channel is instead a unix socket it listens on (in a folder of
@@ -152,7 +153,6 @@ class Agent:
             "run": self.start_run,
             "run.signal": self.signal_run,
             "file.write": self.write_file,
-            "file.create": self.create_file,
             "file.read": self.read_file,
             "file.list": self.list_files,
             "file.delete": self.delete_file,
@@ -360,7 +360,12 @@ class Agent:
 
     def forward(self, slot: int, kernel: _Kernel, channel: int, parts: list[bytes]) -> None:
         """Passes one of a kernel's messages on (see outputs.py)."""
-        for message in outputs.pass_on(parts, kernel.name, self.images):
+        try:
+            messages = outputs.pass_on(parts, kernel.name, self.images)
+        except Exception as exc:  # content nested to the recursion limit, say: the message is lost
+            sys.stderr.write(f"kernel {kernel.name}: a message not passed on: {type(exc).__name__}\n")
+            messages = [parts] if outputs.size(parts) <= outputs.MESSAGE_BOUND else []
+        for message in messages:
             self.send(*wire.kernel_pieces(slot, channel, message))
 
     def credit(self, slot: int, count: int) -> None:
@@ -504,9 +509,6 @@ class Agent:
     def write_file(self, args: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
         size = self.workspace.write(args["path"], blob, bool(args.get("append")), args.get("mode"))
         return {"size": size}, b""
-
-    def create_file(self, args: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
-        return {"created": self.workspace.create(args["path"], blob)}, b""
 
     def read_file(self, args: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         content, size = self.workspace.read(args["path"], int(args.get("offset", 0)), int(args["length"]))

@@ -20,6 +20,7 @@ import os
 import stat
 
 MAX_LINKS = 40  # symlinks followed in one path, as Linux allows
+LIST_BYTES = 32 << 20  # of the JSON of one listing, at the most: the daemon takes a reply that big
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -174,12 +175,13 @@ class Workspace:
 
     def list(self, path: str, recursive: bool, limit: int) -> tuple[list[dict[str, object]], bool]:
         """The entries of a folder (of its whole tree with `recursive`), symlinks listed, not
-        followed; at most `limit` of them, and whether some were left out."""
+        followed; at most `limit` of them and LIST_BYTES of JSON, and whether some were left
+        out."""
         prefix = "/".join(self._parts(path))
         fd = self._open_dir(path)
         entries: list[dict[str, object]] = []
         try:
-            complete = _list(fd, prefix, recursive, entries, limit)
+            complete = _list(fd, prefix, recursive, entries, limit, [LIST_BYTES])
         except OSError as exc:
             raise _error(exc, path) from None
         finally:
@@ -272,12 +274,15 @@ def _write_all(fd: int, content: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _list(fd: int, prefix: str, recursive: bool, entries: list[dict[str, object]], limit: int) -> bool:
-    """Adds the entries under the folder `fd` to `entries`; False when `limit` cut it short."""
+def _list(
+    fd: int, prefix: str, recursive: bool, entries: list[dict[str, object]], limit: int, room: list[int]
+) -> bool:
+    """Adds the entries under the folder `fd` to `entries`; False when `limit`, or `room[0]`
+    (bytes the listing's JSON may take, spent as it goes), cut it short."""
     with os.scandir(fd) as listing:
         found = sorted(listing, key=lambda entry: entry.name)
     for entry in found:
-        if len(entries) >= limit:
+        if len(entries) >= limit or room[0] <= 0:
             return False
         try:
             info = entry.stat(follow_symlinks=False)
@@ -286,6 +291,7 @@ def _list(fd: int, prefix: str, recursive: bool, entries: list[dict[str, object]
         mode = info.st_mode
         kind = "symlink" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "file"
         name = f"{prefix}/{entry.name}" if prefix else entry.name
+        room[0] -= 6 * len(name) + 96  # its path escaped at the most, and the rest of it
         entries.append({"path": name, "kind": kind, "size": info.st_size, "mtime": info.st_mtime})
         if recursive and kind == "dir":
             try:
@@ -295,7 +301,7 @@ def _list(fd: int, prefix: str, recursive: bool, entries: list[dict[str, object]
             if child is None:
                 continue
             try:
-                if not _list(child, name, recursive, entries, limit):
+                if not _list(child, name, recursive, entries, limit, room):
                     return False
             finally:
                 os.close(child)

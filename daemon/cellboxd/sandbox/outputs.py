@@ -22,8 +22,8 @@ from cellboxd.sandbox import files
 
 MESSAGE_BOUND = 8 << 20  # bytes of a KERNEL frame's payload
 KEY = "cellbox"
-STREAM_PIECE = 1 << 20  # characters of stream text per message, when a big one is cut
-_CHARS = (MESSAGE_BOUND - (64 << 10)) // 6  # characters kept of a big message: 6 bytes a char in JSON
+_ESCAPED = 12  # bytes a character takes in JSON at the most (an astral one: two \\uXXXX)
+_CHARS = (MESSAGE_BOUND - (64 << 10)) // _ESCAPED  # characters kept of a big message
 _DELIM = b"<IDS|MSG>"
 _RICH = (b'"display_data"', b'"execute_result"')
 # MIME type -> file extension of the images saved to the workspace; SVG is text, the rest base64
@@ -45,16 +45,16 @@ class Images:
         self.last: dict[str, int] = {}
 
     def save(self, name: str, ext: str, payload: bytes) -> str | None:
-        n = self.last.get(name, 0)
-        for _ in range(_SAVE_TRIES):
-            n += 1
-            file = f"images/{name}-{n}.{ext}"
-            try:
+        first = n = self.last.get(name, 0) + 1
+        try:
+            for n in range(first, first + _SAVE_TRIES):
+                file = f"images/{name}-{n}.{ext}"
                 if self.workspace.create(file, payload):
-                    self.last[name] = n
                     return file
-            except (files.FileError, OSError):  # `images` made a symlink out, or a file
-                return None
+        except (files.FileError, OSError):  # `images` made a symlink out, or a file
+            pass
+        finally:
+            self.last[name] = n
         return None
 
 
@@ -86,9 +86,11 @@ def pass_on(parts: list[bytes], name: str, images: Images) -> list[list[bytes]]:
         if size(head) > MESSAGE_BOUND // 2:
             return []
     if msg_type == "stream" and big and isinstance(text := content.get("text"), str):
+        piece = (MESSAGE_BOUND - size(head) - 1024) // _ESCAPED  # characters: each message fits
+        name_only = {key: value for key, value in content.items() if key == "name"}
         return [
-            [*head, _dump({**content, "text": text[start : start + STREAM_PIECE]})]
-            for start in range(0, len(text), STREAM_PIECE)
+            [*head, _dump({**name_only, "text": text[start : start + piece]})]
+            for start in range(0, len(text), piece)
         ]
     forged = content.pop(KEY, None) is not None  # the key is the agent's to set
     saved = None
@@ -97,11 +99,11 @@ def pass_on(parts: list[bytes], name: str, images: Images) -> list[list[bytes]]:
     if not big and saved is None and not forged:
         return [parts]
     extra: dict[str, Any] = {} if saved is None else {"file": saved}
-    if big:
+    out = b"" if big else _dump({**content, KEY: extra})
+    if big or size([*head, out, *rest]) > MESSAGE_BOUND:  # written again, it may have grown
         content, cut = _shrink(content, [_CHARS])
-        extra["truncated"] = cut
-    out = _dump({**content, KEY: extra})
-    if size([*head, out]) > MESSAGE_BOUND:  # escapes beyond the estimate: keep the bare message
+        out, rest = _dump({**content, KEY: {**extra, "truncated": cut}}), []
+    if size([*head, out]) > MESSAGE_BOUND:  # not to be: keep the bare message
         out = _dump({KEY: {**extra, "truncated": True}})
     return [[*head, out, *rest]]
 
