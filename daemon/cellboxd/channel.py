@@ -225,6 +225,10 @@ class KernelPort:
         self._channel._taken(size)
         return channel, parts
 
+    def waiting(self) -> bool:
+        """Whether messages wait to be taken."""
+        return bool(self._queue)
+
     def send(self, channel: int, parts: list[bytes]) -> None:
         self._channel._send(wire.kernel_frame(self.slot, channel, parts))
 

@@ -496,6 +496,8 @@ class Kernel:
                     self._on_shell(msg)
             except Exception as exc:  # the sandbox's code can send anything: one message is lost
                 log.warning("kernel %s: ignored a message: %r", self.kernel_id, exc)
+            if process.port.waiting():  # a flood: the other kernels and requests get their turn
+                await asyncio.sleep(0)
 
     async def _on_iopub(self, process: _Process, msg: Message, size: int) -> None:
         self._iopub_seen.set()
