@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tests.bench",
         description="cellbox against jupyter_client on the same kernels (see tests/bench/README.md)",
     )
-    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run under a minute")
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run of a few minutes")
     parser.add_argument(
         "--json", type=Path, default=Path("bench-results.json"), help="where to write the results"
     )

@@ -51,7 +51,7 @@ BUDGET = 300.0  # seconds a case may take before it is abandoned (churn: 10 s a 
 
 @dataclass(frozen=True)
 class Plan:
-    """The counts of a run: `FULL`, or `QUICK` for a smoke run under a minute."""
+    """The counts of a run: `FULL`, or `QUICK` for a smoke run of a few minutes."""
 
     round_trips: int
     window: float  # seconds of one counting window of the parallel case
