@@ -210,9 +210,9 @@ class KernelPort:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def get(self) -> tuple[int, list[memoryview]] | None:
-        """The next message (its channel and parts); None once the process has ended and every
-        message it sent has been taken."""
+    async def get(self) -> tuple[int, list[memoryview], int] | None:
+        """The next message (its channel, its parts and its size in bytes); None once the process
+        has ended and every message it sent has been taken."""
         while not self._queue:
             if self.exited.done():
                 return None
@@ -221,9 +221,9 @@ class KernelPort:
                 await self._waiter
             finally:
                 self._waiter = None
-        channel, parts, size = self._queue.popleft()
-        self._channel._taken(size)
-        return channel, parts
+        message = self._queue.popleft()
+        self._channel._taken(message[2])
+        return message
 
     def waiting(self) -> bool:
         """Whether messages wait to be taken."""

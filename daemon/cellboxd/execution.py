@@ -29,6 +29,12 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _EXTS = "|".join(sorted(set(IMAGE_EXT.values())))
 
 
+def _from_agent(content: dict[str, Any]) -> dict[str, Any]:
+    """What the sandbox's agent added to a message (see sandbox/outputs.py)."""
+    extra = content.get(KEY)
+    return extra if isinstance(extra, dict) else {}
+
+
 def plain(lines: list[str]) -> list[str]:
     """Traceback lines without the terminal colour codes IPython puts in them."""
     return [_ANSI.sub("", line) for line in lines]
@@ -162,14 +168,12 @@ class Execution:
 
     def _note_cut(self, content: dict[str, Any]) -> None:
         """A message the agent cut to its bound makes the result truncated."""
-        extra = content.get(KEY)
-        if isinstance(extra, dict) and extra.get("truncated") is True:
+        if _from_agent(content).get("truncated") is True:
             self.truncated = True
 
     def _image(self, content: dict[str, Any]) -> tuple[str | None, str | None]:
         """The file the agent saved the output's image in, and its path on this machine."""
-        extra = content.get(KEY)
-        file = extra.get("file") if isinstance(extra, dict) else None
+        file = _from_agent(content).get("file")
         if not isinstance(file, str) or not self._image_file.fullmatch(file):
             return None, None
         return file, None if self._workspace is None else str(self._workspace / file)

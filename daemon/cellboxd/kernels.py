@@ -487,11 +487,11 @@ class Kernel:
 
     async def _read(self, process: _Process) -> None:
         while (item := await process.port.get()) is not None:
-            channel, frames = item
+            channel, frames, size = item
             try:
                 msg = decode(frames)
                 if channel == _IOPUB:
-                    await self._on_iopub(process, msg, sum(len(frame) for frame in frames))
+                    await self._on_iopub(process, msg, size)
                 elif channel == _SHELL:
                     self._on_shell(msg)
             except Exception as exc:  # the sandbox's code can send anything: one message is lost

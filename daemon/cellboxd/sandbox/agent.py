@@ -7,8 +7,8 @@ on stdin and stdout carry frames (wire.py) and stderr the agent's own complaints
 the sandbox's rights only: it starts and signals kernels, moves their zmq messages to and from
 the channel (saving their output images in the workspace and cutting messages too big for the
 daemon, outputs.py), hands them output credits, runs commands (installs, skill lookups) and
-reads and writes the workspace (files.py). Whatever the sandbox's code does to the agent, the daemon
-treats what comes out of the channel as untrusted.
+reads and writes the workspace (files.py). Whatever the sandbox's code does to the agent, the
+daemon treats what comes out of the channel as untrusted.
 
 Where the daemon offers one, the channel is instead a unix socket it listens on (in a folder of
 its own, mounted read-only here), which the agent connects to with the token it was given; stdin
