@@ -353,6 +353,18 @@ def test_destroy_sandbox_stops_kernels_and_removes_its_folder(
     assert d.response(d.start(EXECUTE, {"kernelId": kernel, "code": "1"}))["error"]["code"] == 1002
 
 
+def test_kernels_of_a_sandbox_keep_their_own_history_in_memory(shared_daemon: Daemon) -> None:
+    # a shared history file locks under load, and IPython then prints its warning into a cell
+    d = shared_daemon
+    sandbox, first = new_kernel(d)
+    second = d.request("cellbox/startKernel", {"sandboxId": sandbox})["kernelId"]
+    run(d, first, "a = 'only in first'")
+    run(d, second, "b = 2")
+    code = "h = get_ipython().history_manager\nprint(h.hist_file, [c for _, _, c in h.get_range()])"
+    assert run(d, first, code)["text"] == f":memory: {['a = ' + repr('only in first'), code]}\n"
+    assert run(d, second, code)["text"] == f":memory: {['b = 2', code]}\n"
+
+
 def test_outputs_of_parallel_kernels_do_not_mix(shared_daemon: Daemon) -> None:
     d = shared_daemon
     kernels = [new_kernel(d)[1] for _ in range(3)]

@@ -140,7 +140,9 @@ def kernel_argv(python: str) -> list[str]:
 
     Completion uses IPython's own completer, which completes the live objects of the kernel's
     namespace (what an editor bound to it wants); jedi's static analysis is slow to start and
-    returns nothing with some IPython and jedi versions.
+    returns nothing with some IPython and jedi versions. Each kernel keeps its history in
+    memory: kernels of one sandbox share a profile, and its SQLite file, under load, makes
+    IPython print "database is locked" into a cell's output.
     """
     return [
         python,
@@ -149,6 +151,7 @@ def kernel_argv(python: str) -> list[str]:
         "-f",
         "{connection_file}",
         "--IPCompleter.use_jedi=False",
+        "--HistoryManager.hist_file=:memory:",
         "--IPKernelApp.exec_lines="
         + _BOUNDED_STREAMS.format(limit=CREDIT_CHARS, ahead=CREDITS_AHEAD, path="{credits}"),
     ]
