@@ -196,6 +196,9 @@ class KernelPort:
         self._queue: collections.deque[tuple[int, list[memoryview], int]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self.exited: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
+        # the kernel's calls of MCP tools: (call, request) as they come, and a call given up
+        self.on_tool: Callable[[int, bytes], None] | None = None
+        self.on_tool_cancel: Callable[[int], None] | None = None
 
     def _put(self, channel: int, parts: list[memoryview], size: int) -> None:
         self._queue.append((channel, parts, size))
@@ -238,6 +241,12 @@ class KernelPort:
     async def signal(self, signum: int) -> None:
         await self._channel.call("kernel.signal", slot=self.slot, signum=signum)
 
+    async def answer_tool(self, call: int, reply: bytes) -> None:
+        """Answers one of the kernel's calls of an MCP tool (a JSON object, see mcptools)."""
+        self._channel._tool_calls.pop(call, None)
+        with contextlib.suppress(ChannelClosed, AgentError):
+            await self._channel.call("tool.reply", reply, call=call)
+
     async def output(self) -> str:
         """The end of what the kernel process wrote to its stdout and stderr."""
         with contextlib.suppress(ChannelClosed, AgentError):
@@ -248,6 +257,8 @@ class KernelPort:
     def close(self) -> None:
         """Lets the process's messages go, those not taken too."""
         self._channel._ports.pop(self.slot, None)
+        for call in [c for c, port in self._channel._tool_calls.items() if port is self]:
+            del self._channel._tool_calls[call]
         self._channel._taken(sum(size for _, _, size in self._queue))
         self._queue.clear()
         self._end(Exit(None))
@@ -298,6 +309,7 @@ class Channel:
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._ports: dict[int, KernelPort] = {}
+        self._tool_calls: dict[int, KernelPort] = {}  # calls of MCP tools not answered yet
         self._runs: dict[int, _Run] = {}
         self._slots = itertools.count(1)
         self._queued = 0  # bytes of kernel messages not taken yet
@@ -428,6 +440,14 @@ class Channel:
             if port is not None:
                 code = event.get("code")
                 port._end(Exit(code if isinstance(code, int) else None, str(event.get("output", ""))))
+        elif what == "tool" and (port := self._ports.get(_int(event.get("kernel")))) is not None:
+            call = _int(event.get("call"))
+            if port.on_tool is not None and call not in self._tool_calls:
+                self._tool_calls[call] = port
+                port.on_tool(call, blob)
+        elif what == "tool.cancel" and (port := self._tool_calls.pop(_int(event.get("call")), None)):
+            if port.on_tool_cancel is not None:
+                port.on_tool_cancel(_int(event.get("call")))
         elif what == "exit" and "run" in event:
             run = self._runs.pop(_int(event.get("run")), None)
             if run is not None and not run.done.done():

@@ -68,6 +68,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # this machine (faster, see backends/docker/channel_socket.py), else the exec session; "exec"
     # always the exec session
     docker_channel: Literal["auto", "exec"] = "auto"
+    # seconds the client has to answer cellbox/approveToolCall; no answer refuses the call
+    approval_timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +147,7 @@ _ENV = {
     "CELLBOX_TMP_SIZE_MB": "tmp_size_mb",
     "CELLBOX_DOCKER_RUNTIME": "docker_runtime",
     "CELLBOX_DOCKER_CHANNEL": "docker_channel",
+    "CELLBOX_APPROVAL_TIMEOUT": "approval_timeout",
 }
 _LIMITS_ENV = {"CELLBOX_MEMORY_MB": "memory_mb", "CELLBOX_CPUS": "cpus", "CELLBOX_PIDS": "pids"}
 

@@ -11,8 +11,9 @@ anything else that goes out, or the end, sends what waits first, so order is kep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,31 @@ class Execution:
         self._flush_timer: asyncio.TimerHandle | None = None
         # resolved when the kernel has gone idle and replied, or has gone away
         self.finished: asyncio.Future[None] = self._loop.create_future()
+        self.deadline: asyncio.Timeout | None = None  # its timeout, while it runs
+        self._holds = 0  # waits under way that do not count against the timeout
+        self._held_since = 0.0
+        self._held_due: float | None = None
+
+    @contextlib.contextmanager
+    def holding_time(self) -> Iterator[None]:
+        """Time spent inside does not count against the execution's timeout (a wait for the
+        client's approval); waits that overlap count once."""
+        deadline = self.deadline
+        if deadline is None:
+            yield
+            return
+        if self._holds == 0:
+            self._held_since, self._held_due = self._loop.time(), deadline.when()
+            with contextlib.suppress(RuntimeError):  # the execution ended meanwhile
+                deadline.reschedule(None)
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if self._holds == 0 and self._held_due is not None:
+                with contextlib.suppress(RuntimeError):
+                    deadline.reschedule(self._held_due + self._loop.time() - self._held_since)
 
     # -- messages from the kernel -----------------------------------------------------------
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import signal
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from cellbox import errors, methods
 from cellbox import types as t
+from cellboxd import mcptools
 from cellboxd.channel import AgentError, ChannelClosed, Exit, KernelPort
 from cellboxd.execution import Execution, Notify
 from cellboxd.messages import Message, decode
@@ -35,10 +37,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ToolCalls = Callable[["Kernel", Execution | None, bytes], Awaitable[bytes]]
+"""Serves a kernel's call of an MCP tool (the request's JSON): the answer's JSON."""
+
 _CHUNK = 1 << 20  # characters of output per notification, at the most
 _SHELL, _IOPUB, _CONTROL = CHANNEL["shell"], CHANNEL["iopub"], CHANNEL["control"]
 _STOP_WAIT = 5.0  # seconds for a process to end once it was killed
 _SHUTDOWN_WAIT = 2.0  # seconds a kernel gets to end after a shutdown_request
+TOOL_CALLS = 32  # calls of MCP tools one kernel has under way at once; more are refused
 UNDRAINED = 64 << 10  # bytes of a kernel's messages sent on before its client is waited for
 
 # Run in each kernel at start. ipykernel sends what a cell prints every 0.2 s however much it
@@ -179,6 +185,7 @@ class Kernel:
         start_timeout: float,
         notify: Notify,
         drain: Callable[[], Awaitable[None]],
+        tools: ToolCalls | None = None,
         name: str | None = None,
     ) -> None:
         self.kernel_id = kernel_id
@@ -203,6 +210,9 @@ class Kernel:
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}  # other shell requests
         self._restarting = False
         self._pending_restart: asyncio.Task[None] | None = None
+        self._tools = tools
+        # its calls of MCP tools under way -> (their task, the execution they came from)
+        self._tool_calls: dict[int, tuple[asyncio.Task[None], Execution | None]] = {}
         self.closed = False
         self.exit: Exit | None = None  # how the last process ended, while the kernel is dead
 
@@ -234,6 +244,8 @@ class Kernel:
         except AgentError as exc:
             raise self._died(f"could not be started in the sandbox: {exc.message}") from None
         process = self._process = _Process(port, Session(key=key.encode(), username="cellbox"), pid)
+        port.on_tool = functools.partial(self._on_tool, process)
+        port.on_tool_cancel = self._on_tool_cancel
         self._ready = False
         self._iopub_seen.clear()
         self._uncredited = 0
@@ -319,6 +331,8 @@ class Kernel:
 
     async def interrupt(self) -> None:
         self._check_usable()
+        if self._current is not None:
+            self._end_tool_calls(self._current)
         await self._signal(signal.SIGINT)
 
     async def _signal(self, signum: int) -> None:
@@ -420,7 +434,7 @@ class Kernel:
         self._current, self._current_msg_id = execution, msg_id
         try:
             try:
-                async with asyncio.timeout(params.timeout):
+                async with asyncio.timeout(params.timeout) as execution.deadline:
                     await asyncio.shield(execution.finished)
             except TimeoutError:
                 return await self._stop(execution, "timeout", f"did not finish within {params.timeout:g} s")
@@ -432,9 +446,12 @@ class Kernel:
             return execution.result()
         finally:
             self._current = self._current_msg_id = None
+            execution.deadline = None
+            self._end_tool_calls(execution)
 
     async def _stop(self, execution: Execution, status: t.ExecuteStatus, what: str) -> t.ExecuteResult:
         """Interrupts a running execution; restarts the kernel if it does not stop in time."""
+        self._end_tool_calls(execution)
         if self.exit is None and self.state != "dead":
             with contextlib.suppress(Exception):
                 await self._signal(signal.SIGINT)
@@ -539,6 +556,44 @@ class Kernel:
         if self._uncredited >= CREDIT_CHARS:
             count, self._uncredited = divmod(self._uncredited, CREDIT_CHARS)
             process.port.credit(count)
+
+    # -- calls of MCP tools -----------------------------------------------------------------
+
+    def _on_tool(self, process: _Process, call: int, request: bytes) -> None:
+        """A call from a cell: served in a task of its own, which the execution's end, an
+        interrupt, or the cell giving up (see channel.py) cancels."""
+        execution = self._current
+        if len(self._tool_calls) >= TOOL_CALLS:
+            busy = mcptools.answer("failed", f"more than {TOOL_CALLS} calls of MCP tools at once")
+            served: Coroutine[Any, Any, None] = process.port.answer_tool(call, busy)
+        else:
+            served = self._tool(process, call, request, execution)
+        task = asyncio.create_task(served, name=f"tool-{call}")
+        self._tool_calls[call] = (task, execution)
+        task.add_done_callback(lambda _: self._tool_calls.pop(call, None))
+
+    async def _tool(self, process: _Process, call: int, request: bytes, execution: Execution | None) -> None:
+        try:
+            if self._tools is None:
+                reply = mcptools.answer("failed", "this kernel serves no MCP tools")
+            else:
+                reply = await self._tools(self, execution, request)
+        except asyncio.CancelledError:
+            reply = mcptools.answer("failed", "the call was ended: its execution was interrupted or is over")
+        except Exception as exc:
+            log.exception("kernel %s: a tool call failed", self.kernel_id)
+            reply = mcptools.answer("failed", f"the daemon failed the call: {exc!r}")
+        await process.port.answer_tool(call, reply)
+
+    def _on_tool_cancel(self, call: int) -> None:
+        entry = self._tool_calls.get(call)
+        if entry is not None:
+            entry[0].cancel()
+
+    def _end_tool_calls(self, execution: Execution) -> None:
+        for task, started_by in list(self._tool_calls.values()):
+            if started_by is execution:
+                task.cancel()
 
     def _on_shell(self, msg: Message) -> None:
         execution = self._current

@@ -19,17 +19,20 @@ from cellboxd import inventory
 from cellboxd.backends.base import Backend, Key, OnLine, SandboxRuntime
 from cellboxd.channel import ChannelClosed
 from cellboxd.config import Resolved
-from cellboxd.execution import Notify
+from cellboxd.execution import Execution, Notify
 from cellboxd.kernels import Kernel
+from cellboxd.mcptools import answer
+from cellboxd.mcptools.registry import Approve, SandboxTools
 from cellboxd.pool import WarmPool
 
 log = logging.getLogger(__name__)
 
 
 class Sandbox:
-    def __init__(self, info: t.SandboxInfo, runtime: SandboxRuntime, root: Path) -> None:
+    def __init__(self, info: t.SandboxInfo, runtime: SandboxRuntime, root: Path, approve: Approve) -> None:
         self.info = info
         self.runtime = runtime
+        self.tools = SandboxTools(info.sandbox_id, runtime, approve)  # its MCP servers
         self.root = root  # the daemon's folder of the sandbox, whose owner file marks it as ours
         self.kernels: dict[str, Kernel] = {}
         self.spare: Kernel | None = None  # a pooled sandbox's kernel, for its first startKernel
@@ -52,8 +55,10 @@ class SandboxManager:
         backends: dict[t.Backend, Backend],
         notify: Notify,
         drain: Callable[[], Awaitable[None]],
+        approve: Approve,
     ) -> None:
         self._resolved = resolved
+        self._approve = approve
         self._settings = resolved.settings
         self._backends = backends
         self._drain = drain
@@ -140,7 +145,7 @@ class SandboxManager:
                 ) from None
             raise
         info = t.SandboxInfo(sandbox_id, backend.name, kernels=[], created_at=_now(), image=runtime.image)
-        return Sandbox(info, runtime, root)
+        return Sandbox(info, runtime, root, self._approve)
 
     async def _make_pooled(self, key: Key) -> Sandbox:
         """A sandbox for the warm pool, with its spare kernel started; its kernel says nothing."""
@@ -165,7 +170,7 @@ class SandboxManager:
         """Stops a sandbox's kernels, its spare too, and removes the sandbox."""
         kernels = [*sandbox.kernels.values(), *([sandbox.spare] if sandbox.spare else [])]
         sandbox.spare = None
-        await asyncio.gather(*(self._drop_kernel(k, now) for k in kernels))
+        await asyncio.gather(*(self._drop_kernel(k, now) for k in kernels), sandbox.tools.close())
         await sandbox.runtime.close()
         await asyncio.to_thread(shutil.rmtree, sandbox.root, ignore_errors=True)
 
@@ -225,6 +230,7 @@ class SandboxManager:
             start_timeout=settings.kernel_start_timeout,
             notify=notify,
             drain=self._drain,
+            tools=self._call_tool,
             name=name,
         )
         if register:
@@ -235,6 +241,12 @@ class SandboxManager:
             await self._drop_kernel(kernel, now=True)
             raise
         return kernel
+
+    async def _call_tool(self, kernel: Kernel, execution: Execution | None, request: bytes) -> bytes:
+        sandbox = self._sandboxes.get(kernel.sandbox_id)
+        if sandbox is None:
+            return answer("failed", "the kernel's sandbox is gone")
+        return await sandbox.tools.call(kernel.kernel_id, execution, request)
 
     def kernel(self, kernel_id: str) -> Kernel:
         try:

@@ -73,6 +73,8 @@ class CellboxServer(LanguageServer):
             methods.READ_FILE: self.read_file,
             methods.LIST_FILES: self.list_files,
             methods.DELETE_FILE: self.delete_file,
+            methods.REGISTER_MCP_SERVER: self.register_mcp_server,
+            methods.UNREGISTER_MCP_SERVER: self.unregister_mcp_server,
         }
         for method, handler in handlers.items():
             self.feature(method)(_wire(method, handler))
@@ -112,7 +114,9 @@ class CellboxServer(LanguageServer):
         docker = made["docker"]
         assert isinstance(docker, DockerBackend)
         self._docker = docker
-        self._sandboxes = SandboxManager(resolved, made, self.protocol.send_notification, self._drain)
+        self._sandboxes = SandboxManager(
+            resolved, made, self.protocol.send_notification, self._drain, self._approve_tool_call
+        )
         self._client_log = logs.attach_client(self.protocol.send_notification, self.settings.log_level)
         capabilities = t.CellboxCapabilities(
             protocol_version=t.PROTOCOL_VERSION,
@@ -276,6 +280,36 @@ class CellboxServer(LanguageServer):
 
     async def delete_file(self, params: t.DeleteFileParams) -> None:
         await files.delete(self.sandboxes.get(params.sandbox_id).runtime, params)
+
+    # -- MCP servers' tools -----------------------------------------------------------------
+
+    async def register_mcp_server(self, params: t.RegisterMcpServerParams) -> t.RegisterMcpServerResult:
+        return await self.sandboxes.get(params.sandbox_id).tools.register(params)
+
+    async def unregister_mcp_server(self, params: t.UnregisterMcpServerParams) -> None:
+        await self.sandboxes.get(params.sandbox_id).tools.unregister(params.name)
+
+    async def _approve_tool_call(self, params: t.ApproveToolCallParams) -> bool:
+        """Asks the client; only `{approved: true}` within the approval timeout approves, and a
+        client without the method (-32601) refuses."""
+        timeout = self.settings.approval_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await self.protocol.send_request_async(
+                    methods.APPROVE_TOOL_CALL, msgspec.to_builtins(params)
+                )
+            # pygls hands a result over as a named tuple of its fields
+            approved = (
+                answer.get("approved") if isinstance(answer, dict) else getattr(answer, "approved", None)
+            )
+            if not isinstance(approved, bool):
+                log.warning("a bad answer to %s: %r", methods.APPROVE_TOOL_CALL, answer)
+            return approved is True
+        except TimeoutError:
+            log.warning("no answer to %s within %g s: refused", methods.APPROVE_TOOL_CALL, timeout)
+        except JsonRpcException as exc:
+            log.info("the client answered %s with an error: %s", methods.APPROVE_TOOL_CALL, exc)
+        return False
 
 
 def _wire(method: str, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:

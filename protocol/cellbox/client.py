@@ -19,7 +19,16 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Literal, Self, TypeVar
@@ -50,6 +59,9 @@ ExecutionEvent = t.OutputNotification | t.DisplayNotification
 """What iterating over an execution yields, in the order the kernel produced it."""
 
 ProgressCallback = Callable[[str], None]
+ApprovalCallback = Callable[[t.ApproveToolCallParams], "bool | Awaitable[bool]"]
+"""Answers the daemon's `cellbox/approveToolCall`: True runs the tool call. A plain function
+runs in a worker thread (it may block, asking a person); a coroutine function on the loop."""
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 _SHUTDOWN_TIMEOUT: Final = 30.0  # seconds for `shutdown` to stop every kernel and sandbox
@@ -171,7 +183,9 @@ class AsyncClient:
     `subprocess.DEVNULL` also work). `default_backend`, `data_dir`, `log_level` and `pool` are
     sent as `initializationOptions`; `pool` (e.g. `[PoolSpec("local", size=2)]`) keeps that many
     sandboxes ready, each with a kernel started, so that a sandbox and its first kernel come at
-    once. `on_log` receives the daemon's `window/logMessage` texts.
+    once. `on_log` receives the daemon's `window/logMessage` texts. `approve_tool_call` answers
+    the daemon's requests to approve a call of an MCP server's tool (see ApprovalCallback);
+    without it every such call is refused.
     """
 
     def __init__(
@@ -185,6 +199,7 @@ class AsyncClient:
         env: Mapping[str, str] | None = None,
         stderr: int | IO[Any] | None = None,
         on_log: Callable[[str], None] | None = None,
+        approve_tool_call: ApprovalCallback | None = None,
     ) -> None:
         self._command = list(command) if command is not None else default_command()
         self._options = t.InitializationOptions(
@@ -196,6 +211,7 @@ class AsyncClient:
         self._env = {**os.environ, **env} if env is not None else None
         self._stderr = stderr
         self._on_log = on_log
+        self._approve = approve_tool_call
         self._process: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
@@ -408,9 +424,34 @@ class AsyncClient:
                 self._on_response(message)
         elif message.id is None:
             self._on_notification(message.method, message.params)
+        elif message.method == methods.APPROVE_TOOL_CALL:
+            task = asyncio.create_task(self._answer_approval(message.id, message.params))
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
         else:  # a request from the daemon (workDoneProgress/create, registerCapability...)
             with contextlib.suppress(TransportError):
                 self._write({"jsonrpc": "2.0", "id": message.id, "result": None})
+
+    async def _answer_approval(self, request_id: int | str, raw: msgspec.Raw) -> None:
+        """Answers `cellbox/approveToolCall` with the callback's word; a client without one says
+        -32601, which the daemon takes for a refusal, and so is a callback that fails."""
+        answer: dict[str, Any]
+        if self._approve is None:
+            answer = {"error": {"code": -32601, "message": "this client approves no tool calls"}}
+        else:
+            try:
+                params = msgspec.json.decode(raw, type=t.ApproveToolCallParams)
+                if asyncio.iscoroutinefunction(self._approve):
+                    approved = await self._approve(params)
+                else:
+                    approved = await asyncio.to_thread(self._approve, params)
+                    if isinstance(approved, Awaitable):
+                        approved = await approved
+                answer = {"result": t.ApproveToolCallResult(approved=approved is True)}
+            except Exception as e:
+                answer = {"error": {"code": -32603, "message": f"the approval callback failed: {e!r}"}}
+        with contextlib.suppress(TransportError):
+            self._write({"jsonrpc": "2.0", "id": request_id, **answer})
 
     def _on_response(self, message: _Message) -> None:
         assert message.id is not None
@@ -605,6 +646,42 @@ class AsyncSandbox:
             t.GetSkillSourcesParams(sandbox_id=self.sandbox_id, modules=_strings(modules)),
         )
         return result
+
+    async def register_mcp_server(
+        self,
+        name: str,
+        *,
+        command: str | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        url: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        approval: t.Approval = "ask",
+    ) -> t.RegisterMcpServerResult:
+        """Make an MCP server's tools the package `mcptools.<name>` in the sandbox: a stdio server
+        the daemon runs (`command`, `args`, `env`, `cwd`) or one over streamable HTTP (`url`,
+        `headers`). Its process, `env` and `headers` stay on the daemon's side. With
+        `approval="ask"` each call waits for the client's `approve_tool_call`."""
+        spec = t.McpServerSpec(
+            command=command,
+            args=list(args),
+            env=dict(env or {}),
+            cwd=cwd,
+            url=url,
+            headers=dict(headers or {}),
+        )
+        result: t.RegisterMcpServerResult = await self.client.request(
+            methods.REGISTER_MCP_SERVER,
+            t.RegisterMcpServerParams(sandbox_id=self.sandbox_id, name=name, server=spec, approval=approval),
+        )
+        return result
+
+    async def unregister_mcp_server(self, name: str) -> None:
+        """Stop the server and remove `mcptools.<name>` from the sandbox."""
+        await self.client.request(
+            methods.UNREGISTER_MCP_SERVER, t.UnregisterMcpServerParams(sandbox_id=self.sandbox_id, name=name)
+        )
 
     # --- files ---------------------------------------------------------------------------
 
@@ -889,7 +966,8 @@ class _Portal:
 class Client:
     """The synchronous twin of `AsyncClient`: same arguments, same methods.
 
-    Callbacks (`on_progress`, `on_log`, `on_notification`) run in the client's background thread.
+    Callbacks (`on_progress`, `on_log`, `on_notification`) run in the client's background thread,
+    `approve_tool_call` in a worker thread.
     """
 
     def __init__(
@@ -903,6 +981,7 @@ class Client:
         env: Mapping[str, str] | None = None,
         stderr: int | IO[Any] | None = None,
         on_log: Callable[[str], None] | None = None,
+        approve_tool_call: ApprovalCallback | None = None,
     ) -> None:
         self._async = AsyncClient(
             command,
@@ -913,6 +992,7 @@ class Client:
             env=env,
             stderr=stderr,
             on_log=on_log,
+            approve_tool_call=approve_tool_call,
         )
         self._portal: _Portal | None = None
 
@@ -1086,6 +1166,34 @@ class Sandbox:
 
     def skill_sources(self, modules: str | Iterable[str]) -> t.GetSkillSourcesResult:
         return self.client._call(self._async.skill_sources(modules))
+
+    def register_mcp_server(
+        self,
+        name: str,
+        *,
+        command: str | None = None,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        url: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        approval: t.Approval = "ask",
+    ) -> t.RegisterMcpServerResult:
+        return self.client._call(
+            self._async.register_mcp_server(
+                name,
+                command=command,
+                args=args,
+                env=env,
+                cwd=cwd,
+                url=url,
+                headers=headers,
+                approval=approval,
+            )
+        )
+
+    def unregister_mcp_server(self, name: str) -> None:
+        self.client._call(self._async.unregister_mcp_server(name))
 
     def destroy(self) -> None:
         self.client._call(self._async.destroy())

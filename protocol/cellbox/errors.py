@@ -29,6 +29,7 @@ class ErrorCode(IntEnum):
     BUILD_FAILED = 1008
     INVALID_DEPENDENCIES = 1009
     FILE_NOT_FOUND = 1010
+    MCP_SERVER_FAILED = 1011
 
 
 class CellboxError(Exception):
@@ -143,6 +144,12 @@ class FileNotFound(CellboxError):
     code = ErrorCode.FILE_NOT_FOUND
 
 
+class McpServerFailed(CellboxError):
+    """The MCP server could not be started or reached; `data["log"]` holds its output."""
+
+    code = ErrorCode.MCP_SERVER_FAILED
+
+
 _BY_CODE: dict[int, type[CellboxError]] = {
     cls.code: cls
     for cls in (
@@ -164,6 +171,7 @@ _BY_CODE: dict[int, type[CellboxError]] = {
         BuildFailed,
         InvalidDependencies,
         FileNotFound,
+        McpServerFailed,
     )
 }
 

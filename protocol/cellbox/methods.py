@@ -23,6 +23,11 @@ WRITE_FILE: Final = "cellbox/writeFile"
 READ_FILE: Final = "cellbox/readFile"
 LIST_FILES: Final = "cellbox/listFiles"
 DELETE_FILE: Final = "cellbox/deleteFile"
+REGISTER_MCP_SERVER: Final = "cellbox/registerMcpServer"
+UNREGISTER_MCP_SERVER: Final = "cellbox/unregisterMcpServer"
+
+# the daemon's own request to its client
+APPROVE_TOOL_CALL: Final = "cellbox/approveToolCall"
 
 OUTPUT: Final = "cellbox/output"
 DISPLAY: Final = "cellbox/display"
@@ -47,6 +52,13 @@ REQUESTS: Final[dict[str, tuple[type[Any], type[Any] | None]]] = {
     READ_FILE: (t.ReadFileParams, t.ReadFileResult),
     LIST_FILES: (t.ListFilesParams, t.ListFilesResult),
     DELETE_FILE: (t.DeleteFileParams, None),
+    REGISTER_MCP_SERVER: (t.RegisterMcpServerParams, t.RegisterMcpServerResult),
+    UNREGISTER_MCP_SERVER: (t.UnregisterMcpServerParams, None),
+}
+
+# requests the daemon sends its client -> (params type, result type)
+CLIENT_REQUESTS: Final[dict[str, tuple[type[Any], type[Any]]]] = {
+    APPROVE_TOOL_CALL: (t.ApproveToolCallParams, t.ApproveToolCallResult),
 }
 
 # notification method -> params type

@@ -32,6 +32,8 @@ def build_schema() -> dict[str, Any]:
         if result is not None:
             wire_types.append(result)
     wire_types.extend(methods.NOTIFICATIONS.values())
+    for params, result in methods.CLIENT_REQUESTS.values():
+        wire_types.extend((params, result))
     _, components = msgspec.json.schema_components(
         list(dict.fromkeys(wire_types)), ref_template="#/$defs/{name}"
     )
@@ -45,6 +47,10 @@ def build_schema() -> dict[str, Any]:
             for name, (params, result) in methods.REQUESTS.items()
         },
         "notifications": {name: {"params": _ref(params)} for name, params in methods.NOTIFICATIONS.items()},
+        "clientRequests": {
+            name: {"params": _ref(params), "result": _ref(result)}
+            for name, (params, result) in methods.CLIENT_REQUESTS.items()
+        },
         "$defs": dict(sorted(components.items())),
     }
 

@@ -318,6 +318,82 @@ class BindDocumentParams(Struct):
     kernel_id: str | None = None
 
 
+# --- MCP servers' tools inside a sandbox --------------------------------------------------
+
+# What `mcptools.<name>` is called in the sandbox: an ASCII identifier that is not a keyword.
+ServerName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(?!(False|None|True|and|as|assert|async|await|break|class|continue|def|del|elif|else"
+        r"|except|finally|for|from|global|if|import|in|is|lambda|nonlocal|not|or|pass|raise|return|try"
+        r"|while|with|yield)$)[A-Za-z_][A-Za-z0-9_]{0,63}$"
+    ),
+]
+Approval = Literal["ask", "never"]
+
+
+class McpServerSpec(Struct, forbid_unknown_fields=True):
+    """How the daemon reaches an MCP server: `{command, args?, env?, cwd?}`, a server it runs as
+    its child speaking MCP on stdin and stdout (`env` is added to the daemon's environment for
+    it alone), or `{url, headers?}`, one reached over streamable HTTP. `env` and `headers` (a
+    token, say) stay in the daemon and never enter the sandbox."""
+
+    command: NonEmptyStr | None = None
+    args: list[str] = []
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://")] | None = None
+    headers: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give either `command` (a stdio server) or `url` (streamable HTTP)")
+        if self.command is not None and self.headers:
+            raise ValueError("`headers` are for a `url` server")
+        if self.url is not None and (self.args or self.env or self.cwd is not None):
+            raise ValueError("`args`, `env` and `cwd` are for a `command` server")
+
+
+class RegisterMcpServerParams(Struct):
+    sandbox_id: NonEmptyStr
+    name: ServerName
+    server: McpServerSpec
+    approval: Approval = "ask"
+
+
+class McpTool(Struct):
+    name: str  # the tool's name, as the server gave it
+    function: str  # `mcptools.<server>.<function>.<function>`: the name made a safe identifier
+    description: str
+
+
+class RegisterMcpServerResult(Struct):
+    name: str
+    package: str  # `mcptools.<name>`
+    tools: list[McpTool]
+
+
+class UnregisterMcpServerParams(Struct):
+    sandbox_id: NonEmptyStr
+    name: ServerName
+
+
+class ApproveToolCallParams(Struct):
+    """The daemon's request to its client before a tool call of a server registered with
+    `approval: "ask"`; the tool runs only on `{approved: true}`."""
+
+    sandbox_id: str
+    kernel_id: str
+    execution_id: str
+    server: str
+    tool: str
+    arguments: dict[str, Any]
+
+
+class ApproveToolCallResult(Struct):
+    approved: bool
+
+
 # --- notifications from the daemon -------------------------------------------------------
 
 

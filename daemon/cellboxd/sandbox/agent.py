@@ -19,7 +19,10 @@ each command's pipes, and a pipe woken by SIGCHLD. While more than HIGH_WATER by
 out, kernel sockets and command pipes are not read, so a flood waits in the sandbox.
 
 Kernels bind IPC sockets in a private folder of the agent's; each has a credits FIFO there,
-which its streams read before they print another MiB (see the daemon's kernels.py).
+which its streams read before they print another MiB (see the daemon's kernels.py), and a unix
+socket the agent listens on for its calls of MCP tools (CELLBOX_TOOLS, see the daemon's
+mcptools/runtime.py): one connection a call, passed to the daemon as a `tool` event and
+answered by its `tool.reply`; a connection that closes first is a `tool.cancel`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import json
 import os
 import shutil
 import signal
+import socket as unix
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,6 +52,9 @@ _BATCH = 64  # messages taken from one socket per turn, so that one kernel canno
 _IOV = 64  # pieces written in one writev
 _READ = 1 << 20
 _PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4}
+TOOL_REQUEST = 3 << 20  # bytes of one tool call's request: the daemon takes events of 4 MiB
+_TOOL_HEADER = struct.Struct(">I")
+_TOOL_SEND_TIMEOUT = 10.0  # seconds a kernel gets to take a tool's answer
 
 try:  # kernels die with the agent, even a killed one
     import ctypes
@@ -94,6 +102,7 @@ class _Kernel(_Child):
         self.credits = credits
         self.tail: collections.deque[bytes] = collections.deque()
         self.tail_size = 0
+        self.tools: unix.socket | None = None  # where its calls of MCP tools come in
 
     def keep(self, data: bytes) -> None:
         self.tail.append(data)
@@ -103,6 +112,16 @@ class _Kernel(_Child):
 
     def output(self) -> str:
         return b"".join(self.tail)[-TAIL:].decode(errors="replace")
+
+
+class _ToolCall:
+    """One call of an MCP tool from a kernel: its connection, and the request read so far."""
+
+    def __init__(self, conn: unix.socket, slot: int) -> None:
+        self.conn = conn
+        self.slot = slot
+        self.data = b""
+        self.sent = False  # passed on to the daemon
 
 
 class Agent:
@@ -122,6 +141,8 @@ class Agent:
         self.paused = False
         self.kernels: dict[int, _Kernel] = {}
         self.runs: dict[int, _Child] = {}
+        self.tool_calls: dict[int, _ToolCall] = {}
+        self.tool_ids = itertools.count(1)
         self.readers: dict[int, Callable[[], None]] = {}  # fd -> what to do when it is readable
         self.sockets: dict[Any, tuple[int, int]] = {}  # zmq socket -> (slot, channel)
         self.own_folder = folder is None  # made here, and removed at the end
@@ -156,6 +177,7 @@ class Agent:
             "file.read": self.read_file,
             "file.list": self.list_files,
             "file.delete": self.delete_file,
+            "tool.reply": self.tool_reply,
         }
 
     # -- the loop ---------------------------------------------------------------------------
@@ -175,7 +197,9 @@ class Agent:
                     elif item == self.wake_r:
                         self.reap()
                     elif isinstance(item, int):
-                        self.readers[item]()
+                        # an earlier handler of this turn may have closed it (a tool call's end)
+                        if (readable := self.readers.get(item)) is not None:
+                            readable()
                     else:
                         self.read_socket(item)
         finally:
@@ -297,6 +321,11 @@ class Agent:
             a.replace("{connection_file}", connection_file).replace("{credits}", credits)
             for a in args["argv"]
         ]
+        tools_path = base + ".tools"
+        tools = unix.socket(unix.AF_UNIX, unix.SOCK_STREAM)
+        tools.bind(tools_path)
+        tools.listen(64)
+        tools.setblocking(False)
         read_end, write_end = os.pipe()
         try:
             proc = subprocess.Popen(
@@ -305,13 +334,14 @@ class Agent:
                 stdout=write_end,
                 stderr=write_end,
                 cwd=args.get("cwd") or self.workspace.root,
-                env={**os.environ, **args.get("env", {})},
+                env={**os.environ, **args.get("env", {}), "CELLBOX_TOOLS": tools_path},
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             os.close(read_end)
             os.close(credits_fd)
+            tools.close()
             raise files.FileError("failed", f"cannot start the kernel: {exc}", "") from None
         finally:
             os.close(write_end)
@@ -333,6 +363,8 @@ class Agent:
                 self.poller.register(socket, zmq.POLLIN)
         name = str(args.get("name") or f"k{slot}")
         kernel = self.kernels[slot] = _Kernel(proc, base, sockets, credits_fd, name)
+        kernel.tools = tools
+        self._watch(tools.fileno(), lambda: self._accept_tool(slot, tools))
         self._watch_pipe(kernel, read_end, kernel.keep)
         return {"pid": proc.pid}, b""
 
@@ -389,15 +421,100 @@ class Agent:
                     self.poller.unregister(socket)
             socket.close(0)
         os.close(kernel.credits)
+        if kernel.tools is not None:
+            self._unwatch(kernel.tools.fileno())
+            kernel.tools.close()
+        for ident in [i for i, c in self.tool_calls.items() if c.slot == slot]:
+            self._drop_tool(ident)
         for path in (
             kernel.base + ".json",
             kernel.base + ".credits",
+            kernel.base + ".tools",
             *(f"{kernel.base}-{p}" for p in range(1, 6)),
         ):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         del self.kernels[slot]
         self.event({"event": "exit", "kernel": slot, "code": kernel.code, "output": kernel.output()})
+
+    # -- calls of MCP tools -----------------------------------------------------------------
+
+    def _accept_tool(self, slot: int, tools: unix.socket) -> None:
+        try:
+            conn, _ = tools.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        conn.setblocking(False)
+        ident = next(self.tool_ids)
+        self.tool_calls[ident] = _ToolCall(conn, slot)
+        self._watch(conn.fileno(), lambda: self._read_tool(ident))
+
+    def _read_tool(self, ident: int) -> None:
+        call = self.tool_calls.get(ident)
+        if call is None:
+            return
+        try:
+            data = call.conn.recv(_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the kernel gave up (an interrupt, its end): so does the daemon
+            self._drop_tool(ident)
+            if call.sent:
+                self.event({"event": "tool.cancel", "call": ident})
+            return
+        if call.sent:
+            return
+        call.data += data
+        if len(call.data) < _TOOL_HEADER.size:
+            return
+        (size,) = _TOOL_HEADER.unpack_from(call.data)
+        if size > TOOL_REQUEST:
+            message = f"the call's arguments take more than {TOOL_REQUEST >> 20} MiB"
+            self._answer_tool(ident, json.dumps({"ok": False, "kind": "failed", "message": message}).encode())
+        elif len(call.data) >= _TOOL_HEADER.size + size:
+            call.sent = True
+            request, call.data = call.data[_TOOL_HEADER.size : _TOOL_HEADER.size + size], b""
+            self.event({"event": "tool", "kernel": call.slot, "call": ident}, request)
+
+    def tool_reply(self, args: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
+        self._answer_tool(int(args["call"]), blob)
+        return {}, b""
+
+    def _answer_tool(self, ident: int, reply: bytes) -> None:
+        """Writes a call's answer and closes its connection; a kernel that does not take it
+        within _TOOL_SEND_TIMEOUT loses it (and holds up only its own sandbox meanwhile)."""
+        call = self.tool_calls.get(ident)
+        if call is None:  # cancelled meanwhile
+            return
+        self._drop_tool(ident, close=False)
+        try:
+            call.conn.settimeout(_TOOL_SEND_TIMEOUT)
+            call.conn.sendall(_TOOL_HEADER.pack(len(reply)) + reply)
+        except OSError:
+            pass
+        finally:
+            call.conn.close()
+
+    def _drop_tool(self, ident: int, close: bool = True) -> None:
+        call = self.tool_calls.pop(ident, None)
+        if call is None:
+            return
+        self._unwatch(call.conn.fileno())
+        if close:
+            call.conn.close()
+
+    def _watch(self, fd: int, readable: Callable[[], None]) -> None:
+        self.readers[fd] = readable
+        if not self.paused:
+            self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        if self.readers.pop(fd, None) is not None and not self.paused:
+            self.poller.unregister(fd)
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -450,16 +567,12 @@ class Agent:
             if data:
                 sink(data)
                 return
-            del self.readers[fd]
-            if not self.paused:
-                self.poller.unregister(fd)
+            self._unwatch(fd)
             os.close(fd)
             child.pipes.discard(fd)
             self._maybe_ended(child)
 
-        self.readers[fd] = readable
-        if not self.paused:
-            self.poller.register(fd, zmq.POLLIN)
+        self._watch(fd, readable)
 
     # -- ends -------------------------------------------------------------------------------
 

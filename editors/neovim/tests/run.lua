@@ -139,6 +139,25 @@ local function test_cells()
     { "KernelDied: gone", "<<< died" },
     "an error without a traceback shows its name and value"
   )
+
+  local call = { server = "time", tool = "get_current_time", arguments = { timezone = "UTC" } }
+  eq(
+    cells.approval_message(call),
+    'cellbox: allow a cell to call the tool "get_current_time" of the MCP server "time"?\n'
+      .. 'Arguments: {"timezone": "UTC"}',
+    "a tool call's prompt names the tool, its server and the arguments"
+  )
+  eq(
+    cells.approval_message({ server = "s", tool = "t\nAllowed", arguments = vim.empty_dict() }),
+    'cellbox: allow a cell to call the tool "t\\nAllowed" of the MCP server "s"?\nArguments: {}',
+    "names are quoted, no arguments are {}"
+  )
+  eq(
+    cells.approval_message({ server = "s", tool = "t", arguments = { text = "é" .. ("x"):rep(20) } }, 12),
+    'cellbox: allow a cell to call the tool "t" of the MCP server "s"?\n'
+      .. 'Arguments: {"text": "éx… (21 more characters)',
+    "long arguments are cut by characters"
+  )
 end
 
 local OUTPUT = "cellbox://output"
@@ -305,6 +324,76 @@ local function test_session()
   check(has_line(OUTPUT, "False"), "a restarted kernel starts afresh")
 end
 
+-- confirm() as the user answers it: `answer` is the button's number, 0 for Esc.
+local prompts = {}
+local answer
+vim.fn.confirm = function(message, choices, default, kind)
+  table.insert(prompts, { message = message, choices = choices, default = default, kind = kind })
+  return answer
+end
+
+local function test_tool_calls()
+  local python = vim.fn.split(vim.env.CELLBOX_SERVE or "python3 -m cellboxd serve", " ")[1]
+  local buf = python_buffer("tools.py", {
+    "# %%",
+    "print('tools')",
+    "# %%",
+    "from mcptools.time.get_current_time import get_current_time",
+    "get_current_time(timezone='UTC')",
+  })
+  local results = count_lines(OUTPUT, "^<<< ")
+  vim.api.nvim_win_set_cursor(0, { 2, 0 })
+  vim.cmd("CellboxRun") -- binds the buffer, through which the requests below go
+  results = results + 1
+  wait_results(results)
+  local function sync(method, params)
+    local responses = vim.lsp.buf_request_sync(buf, method, params, 30000) or {}
+    local _, response = next(responses)
+    check(response and response.result, method .. " answered: " .. vim.inspect(responses))
+    return response.result
+  end
+  local sandbox_id = sync("cellbox/listSandboxes", vim.empty_dict()).sandboxes[1].sandboxId
+  -- the PyPI server `mcp-server-time`, run by the daemon's interpreter
+  local server = { command = python, args = { "-m", "mcp_server_time", "--local-timezone", "UTC" } }
+  local registration = { sandboxId = sandbox_id, name = "time", server = server, approval = "ask" }
+  check(#sync("cellbox/registerMcpServer", registration).tools > 0, "the time server has tools")
+
+  local function counts()
+    local values = count_lines(OUTPUT, "^{'timezone': 'UTC',$")
+    return { #prompts, values, count_lines(OUTPUT, "^ToolCallRejected: ") }
+  end
+  -- Runs the tool's cell with the option `mode`, the user pressing `button` if asked.
+  local function call_tool(mode, button, asked, approved)
+    cellbox.setup({ approve_tool_calls = mode })
+    answer = button
+    local before = counts()
+    vim.api.nvim_win_set_cursor(0, { 4, 0 })
+    vim.cmd("CellboxRun")
+    results = results + 1
+    wait_results(results)
+    local after = counts()
+    eq(
+      { after[1] - before[1], after[2] - before[2], after[3] - before[3] },
+      { asked and 1 or 0, approved and 1 or 0, approved and 0 or 1 },
+      string.format("mode %s, button %d: prompts, values and refusals", mode, button)
+    )
+  end
+  call_tool("ask", 1, true, true) -- Allow
+  eq(prompts[1], {
+    message = 'cellbox: allow a cell to call the tool "get_current_time" of the MCP server "time"?\n'
+      .. 'Arguments: {"timezone": "UTC"}',
+    choices = "&Allow\nAllow in this &sandbox\n&Deny",
+    default = 3,
+    kind = "Warning",
+  }, "the prompt, Deny its default")
+  call_tool("ask", 3, true, false) -- Deny
+  call_tool("ask", 0, true, false) -- Esc
+  call_tool("never", 1, false, false)
+  call_tool("always", 0, false, true)
+  call_tool("ask", 2, true, true) -- Allow in this sandbox
+  call_tool("ask", 0, false, true) -- allowed already
+end
+
 -- Stops the daemon and waits for its process to end.
 local function stop_daemon()
   local client = cellbox_client()
@@ -320,6 +409,7 @@ end
 local ok, failure = xpcall(function()
   test_cells()
   test_session()
+  test_tool_calls()
 end, function(err)
   return type(err) == "table" and err.failed or debug.traceback(err, 2)
 end)

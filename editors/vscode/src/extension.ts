@@ -4,6 +4,7 @@
 import * as path from 'node:path';
 import * as vscode from 'vscode';
 import { LanguageClient, State } from 'vscode-languageclient/node';
+import { APPROVAL_CHOICES, DENY, ToolCallApprover, type ApprovalChoice, type ApprovalMode } from './approval';
 import { cellAt, findCells } from './cells';
 import {
   backendChoices,
@@ -17,7 +18,7 @@ import {
   Transcript,
   type ImageView,
 } from './messages';
-import { VARIANTS, type Backend, type KernelState } from './protocol';
+import { ClientRequests, VARIANTS, type ApproveToolCallParams, type Backend, type KernelState } from './protocol';
 import { cellboxCapabilities, Session, type KernelHandle, type ProgressListener } from './session';
 
 const DEFAULT_COMMAND = ['cellbox', 'serve'];
@@ -59,6 +60,23 @@ export function activate(context: vscode.ExtensionContext): void {
       : undefined;
   };
   session.onKernelStatus(showStatus);
+
+  // Modal: the cell waits for the answer, and a permission should not be given in passing.
+  const approver = new ToolCallApprover(
+    () => config().get<ApprovalMode>('approveToolCalls', 'ask'),
+    async ({ message, detail }) => {
+      const items = APPROVAL_CHOICES.map((title) => ({ title, isCloseAffordance: title === DENY }));
+      const picked = await vscode.window.showWarningMessage<{ title: ApprovalChoice }>(
+        message,
+        { modal: true, detail },
+        ...items,
+      );
+      return picked?.title;
+    },
+  );
+  const approvals = languageClient.onRequest(ClientRequests.approveToolCall, (params: ApproveToolCallParams) =>
+    approver.approve(params),
+  );
 
   const showError = (error: unknown): void => {
     const { message, log } = describeError(error);
@@ -221,6 +239,7 @@ export function activate(context: vscode.ExtensionContext): void {
     images,
     status,
     session,
+    approvals,
     ...Object.entries(commands).map(([name, handler]) =>
       vscode.commands.registerCommand(name, async (...args: never[]) => {
         try {

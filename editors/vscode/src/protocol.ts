@@ -17,6 +17,12 @@ export const Methods = {
   readFile: 'cellbox/readFile',
   listFiles: 'cellbox/listFiles',
   deleteFile: 'cellbox/deleteFile',
+  registerMcpServer: 'cellbox/registerMcpServer',
+} as const;
+
+/** Requests the daemon sends its client. */
+export const ClientRequests = {
+  approveToolCall: 'cellbox/approveToolCall',
 } as const;
 
 export const Notifications = {
@@ -141,6 +147,33 @@ export interface ImageInfo {
 
 export interface ListImagesResult {
   images: ImageInfo[];
+}
+
+/** How the daemon reaches an MCP server: a command it runs (stdio) or a URL (streamable HTTP). */
+export type McpServerSpec =
+  | { command: string; args?: string[]; env?: Record<string, string> }
+  | { url: string; headers?: Record<string, string> };
+
+export interface RegisterMcpServerParams {
+  sandboxId: string;
+  /** A Python identifier: the sandbox imports the tools as `mcptools.<name>`. */
+  name: string;
+  server: McpServerSpec;
+  approval?: 'ask' | 'never';
+}
+
+/** The daemon asks before a cell calls a tool of a server registered with `approval: "ask"`. */
+export interface ApproveToolCallParams {
+  sandboxId: string;
+  kernelId: string;
+  executionId: string | null;
+  server: string;
+  tool: string;
+  arguments: Record<string, unknown>;
+}
+
+export interface ApproveToolCallResult {
+  approved: boolean;
 }
 
 export interface OutputNotification {

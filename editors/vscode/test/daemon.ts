@@ -14,6 +14,9 @@ import {
 
 const STOP_WITHIN_MS = 10_000;
 
+/** The interpreter whose daemon the tests run: `$CELLBOX_PYTHON`, else python3. */
+export const PYTHON = process.env.CELLBOX_PYTHON || 'python3';
+
 export interface Daemon {
   connection: MessageConnection;
   initializeResult: unknown;
@@ -35,8 +38,7 @@ export async function withDaemon(body: (daemon: Daemon) => Promise<void>): Promi
     CELLBOX_LOG_DIR: join(home, 'log'),
     CELLBOX_CONFIG: join(home, 'config.toml'),
   };
-  const python = process.env.CELLBOX_PYTHON || 'python3';
-  const proc = spawn(python, ['-m', 'cellboxd', 'serve'], { env, stdio: 'pipe' });
+  const proc = spawn(PYTHON, ['-m', 'cellboxd', 'serve'], { env, stdio: 'pipe' });
   let stderr = '';
   proc.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exited = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));

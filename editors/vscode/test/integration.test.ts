@@ -6,11 +6,21 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
+import { ALLOW, ToolCallApprover, type ApprovalChoice, type ApprovalPrompt } from '../src/approval';
 import { findCells } from '../src/cells';
 import { cellLabel, imagesHtml, Transcript, type ImageView } from '../src/messages';
-import { Methods, type DisplayNotification, type OutputNotification, type WorkDoneProgress, type WriteFileParams } from '../src/protocol';
+import {
+  ClientRequests,
+  Methods,
+  type ApproveToolCallParams,
+  type DisplayNotification,
+  type OutputNotification,
+  type RegisterMcpServerParams,
+  type WorkDoneProgress,
+  type WriteFileParams,
+} from '../src/protocol';
 import { cellboxCapabilities, Session } from '../src/session';
-import { withDaemon } from './daemon';
+import { PYTHON, withDaemon } from './daemon';
 
 const TIMEOUT = { timeout: 180_000 };
 const PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==';
@@ -226,5 +236,55 @@ test('completion and hover of a name an earlier cell defined, in a bound documen
     assert.ok(hover, 'no hover');
     assert.match(hover.contents.value, /int/);
     await connection.sendNotification('textDocument/didClose', { textDocument: { uri } });
+  }),
+);
+
+test('a cell calls an MCP tool once the user allows it; dismissed, the cell raises ToolCallRejected', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const session = new Session(connection, () => ({ backend: 'local', timeout: 60 }));
+    const { sandbox, kernelId } = await session.start();
+    const answers: (ApprovalChoice | undefined)[] = [ALLOW, undefined];
+    const prompts: ApprovalPrompt[] = [];
+    const requests: ApproveToolCallParams[] = [];
+    const approver = new ToolCallApprover(
+      () => 'ask',
+      async (prompt) => {
+        prompts.push(prompt);
+        return answers.shift();
+      },
+    );
+    // as extension.ts wires it to the LanguageClient
+    connection.onRequest(ClientRequests.approveToolCall, (params: ApproveToolCallParams) => {
+      requests.push(params);
+      return approver.approve(params);
+    });
+    // the PyPI server `mcp-server-time`, run by the daemon's own interpreter
+    const registration: RegisterMcpServerParams = {
+      sandboxId: sandbox.sandboxId,
+      name: 'time',
+      server: { command: PYTHON, args: ['-m', 'mcp_server_time', '--local-timezone', 'UTC'] },
+      approval: 'ask',
+    };
+    const { tools } = await connection.sendRequest<{ tools: { function: string }[] }>(
+      Methods.registerMcpServer,
+      registration,
+    );
+    assert.ok(tools.some((tool) => tool.function === 'get_current_time'), JSON.stringify(tools));
+
+    const code = 'from mcptools.time.get_current_time import get_current_time\nget_current_time(timezone="UTC")';
+    const allowed = await session.execute(code);
+    assert.equal(allowed.status, 'ok', JSON.stringify(allowed.error));
+    assert.match(allowed.text, /^\{'timezone': 'UTC',\s+'datetime': '\d{4}-/);
+    const dismissed = await session.execute(code);
+    assert.equal(dismissed.status, 'error');
+    assert.equal(dismissed.error?.ename, 'ToolCallRejected', JSON.stringify(dismissed.error));
+
+    assert.deepEqual(
+      requests.map((r) => [r.sandboxId, r.kernelId, r.executionId, r.server, r.tool, r.arguments]),
+      [allowed, dismissed].map((r) => [sandbox.sandboxId, kernelId, r.executionId, 'time', 'get_current_time', { timezone: 'UTC' }]),
+    );
+    assert.equal(prompts.length, 2);
+    assert.match(prompts[0].message, /"get_current_time" of the MCP server "time"/);
+    assert.equal(prompts[0].detail, 'Arguments:\n{\n  "timezone": "UTC"\n}');
   }),
 );

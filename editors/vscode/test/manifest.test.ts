@@ -11,7 +11,10 @@ const manifest = JSON.parse(readFileSync(resolve(root, 'package.json'), 'utf8'))
   main: string;
   engines: { vscode: string };
   devDependencies: Record<string, string>;
-  contributes: { commands: { command: string }[]; configuration: { properties: Record<string, { default: unknown }> } };
+  contributes: {
+    commands: { command: string }[];
+    configuration: { properties: Record<string, { default: unknown; enum?: string[]; scope?: string }> };
+  };
 };
 const extension = readFileSync(resolve(root, 'src/extension.ts'), 'utf8');
 
@@ -27,6 +30,10 @@ test('settings read by the extension are declared, with the documented defaults'
   assert.deepEqual([...new Set(read)].sort(), Object.keys(declared).sort());
   assert.deepEqual(declared['cellbox.command'].default, ['cellbox', 'serve']);
   assert.equal(declared['cellbox.backend'].default, 'local');
+  // Settings that name a program or turn a prompt off are not a workspace's to set.
+  const approve = declared['cellbox.approveToolCalls'];
+  assert.deepEqual([approve.default, approve.enum, approve.scope], ['ask', ['ask', 'always', 'never'], 'machine']);
+  assert.equal(declared['cellbox.command'].scope, 'machine');
 });
 
 test('the bundle is the entry point, for the VS Code the types describe', () => {

@@ -1,5 +1,5 @@
 -- Pure helpers of the cellbox plugin (no editor state): cells in a buffer's lines, and what the
--- daemon sends turned into lines of the output buffer.
+-- daemon sends turned into lines of the output buffer or into a prompt.
 local M = {}
 
 -- The cell markers of VS Code's Python tooling: `# %%` (also `#%%` and `# %% [markdown]`),
@@ -109,6 +109,30 @@ function M.result_lines(result)
   end
   lines[#lines + 1] = status
   return lines
+end
+
+local MAX_ARGUMENT_CHARS = 500
+
+--- The question of a `cellbox/approveToolCall` request: the tool, its server and the arguments
+--- (JSON, cut after `max_chars` characters). Names are JSON-quoted: a tool's name comes from
+--- the server, and cannot break the prompt's lines so.
+function M.approval_message(params, max_chars)
+  max_chars = max_chars or MAX_ARGUMENT_CHARS
+  local arguments = vim.fn.json_encode(params.arguments)
+  local length = vim.fn.strchars(arguments)
+  if length > max_chars then
+    arguments = string.format(
+      "%s… (%d more characters)",
+      vim.fn.strcharpart(arguments, 0, max_chars),
+      length - max_chars
+    )
+  end
+  return string.format(
+    "cellbox: allow a cell to call the tool %s of the MCP server %s?\nArguments: %s",
+    vim.fn.json_encode(params.tool),
+    vim.fn.json_encode(params.server),
+    arguments
+  )
 end
 
 return M

@@ -5,7 +5,13 @@ local cells = require("cellbox.cells")
 
 local M = {}
 
-local config = { cmd = { "cellbox", "serve" }, backend = nil, image = nil, timeout = 120 }
+local config = {
+  cmd = { "cellbox", "serve" },
+  backend = nil,
+  image = nil,
+  timeout = 120,
+  approve_tool_calls = "ask", -- or "always", "never"
+}
 
 -- One daemon, one sandbox and one kernel per Neovim session, shared by every buffer.
 local state = {
@@ -146,7 +152,31 @@ end
 
 -- The daemon -------------------------------------------------------------------------------
 
+local APPROVAL_CHOICES = "&Allow\nAllow in this &sandbox\n&Deny"
+local allowed_tools = {} -- sandboxId, server and tool, NUL-joined -> true: allowed in that sandbox
+
+-- The daemon asks before a cell calls a tool of an MCP server registered with `approval: "ask"`.
+-- A handler answers a server's request with what it returns, so confirm() blocks the editor
+-- until the user answers, as a permission prompt may; the cell waits meanwhile, the time not
+-- counted against its timeout. Esc (0) denies.
+local function approve_tool_call(_, params)
+  local mode = config.approve_tool_calls
+  if mode == "always" or mode == "never" then
+    return { approved = mode == "always" }
+  end
+  local key = table.concat({ params.sandboxId, params.server, params.tool }, "\0")
+  if allowed_tools[key] then
+    return { approved = true }
+  end
+  local choice = vim.fn.confirm(cells.approval_message(params), APPROVAL_CHOICES, 3, "Warning")
+  if choice == 2 then
+    allowed_tools[key] = true
+  end
+  return { approved = choice == 1 or choice == 2 }
+end
+
 local handlers = {
+  ["cellbox/approveToolCall"] = approve_tool_call,
   ["cellbox/output"] = function(_, params)
     enter(params.executionId)
     append_text(params.text)
