@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
@@ -298,6 +298,28 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- mcp -----------------------------------------------------------------------------------
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    from cellboxd import mcpserver  # lazily: the MCP SDK takes a while to import
+
+    return mcpserver.main(args)
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -450,6 +472,50 @@ def _parser() -> argparse.ArgumentParser:
         "examples:\n  cellbox prune",
     )
     prune.set_defaults(handler=_prune)
+
+    mcp = command(
+        "mcp",
+        "serve sandboxed kernels to an agent as an MCP server",
+        "Run an MCP server whose tools run Python in a stateful kernel (execute_python), install\n"
+        "packages, show module sources and read, write and list files. Each MCP session gets a\n"
+        "sandbox of its own, made at its first tool call and removed when the session ends.\n"
+        "It speaks MCP on stdin and stdout, or streamable HTTP at http://HOST:PORT/mcp with\n"
+        "--http, where every request needs `Authorization: Bearer TOKEN` (the token of\n"
+        "--token-file, else one made up and printed on stderr). --mcp-config FILE names MCP\n"
+        'servers (`{"mcpServers": {...}}`) the kernel\'s code can call as mcptools.NAME; each\n'
+        "call is approved by the host's user (MCP elicitation) or by --approve, else refused.",
+        "examples:\n"
+        "  cellbox mcp\n"
+        "  cellbox mcp --backend docker --image basic --network none --memory-mb 1024\n"
+        "  cellbox mcp --http 8000 --token-file ~/.config/cellbox/mcp-token\n"
+        "  cellbox mcp --mcp-config servers.json --env API_KEY=secret",
+    )
+    mcp.add_argument("--http", metavar="[HOST:]PORT", help="serve streamable HTTP (HOST: 127.0.0.1)")
+    mcp.add_argument("--token-file", metavar="FILE", help="the bearer token HTTP clients must send")
+    mcp.add_argument("--backend", choices=_BACKENDS, help="the sandboxes' backend (default: the daemon's)")
+    mcp.add_argument("--image", metavar="IMAGE", help="a docker image or variant for the sandboxes")
+    mcp.add_argument(
+        "--env",
+        type=_env_var,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable of the sandboxes (repeatable)",
+    )
+    mcp.add_argument("--memory-mb", type=_positive(int), metavar="MB", help="docker: memory limit")
+    mcp.add_argument("--cpus", type=_positive(float), metavar="N", help="docker: CPU limit")
+    mcp.add_argument("--pids", type=_positive(int), metavar="N", help="docker: process limit")
+    mcp.add_argument("--network", choices=get_args(t.Network), help="docker: `none` cuts the sandboxes off")
+    mcp.add_argument(
+        "--max-output-chars",
+        type=_positive(int),
+        default=20_000,
+        metavar="N",
+        help="characters of output a tool answers at most (20000)",
+    )
+    mcp.add_argument("--mcp-config", metavar="FILE", help="MCP servers for the kernel's code (JSON)")
+    mcp.add_argument("--approve", action="store_true", help="approve every tool call of those servers")
+    mcp.set_defaults(handler=_mcp)
     return parser
 
 
