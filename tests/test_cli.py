@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -240,3 +241,96 @@ def test_sources_of_a_missing_module_is_a_clean_error() -> None:
     assert done.returncode == 1
     assert "cellbox: " in done.stderr and "surely_no_such_module_4d1c" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- run with MCP servers' tools ----------------------------------------------------------------
+
+HOSTILE = [sys.executable, str(Path(__file__).parent / "mcp_servers" / "hostile.py")]
+_ECHO = "from mcptools.h.echo import echo\nprint(echo(text='hi'))"
+
+
+def _mcp_config(tmp_path: Path, approval: str) -> str:
+    path = tmp_path / "servers.json"
+    server = {"command": HOSTILE[0], "args": HOSTILE[1:], "approval": approval}
+    path.write_text(json.dumps({"mcpServers": {"h": server}}))
+    return str(path)
+
+
+def test_run_registers_the_mcp_config_and_approve_approves(tmp_path: Path) -> None:
+    done = cellbox("run", "-c", _ECHO, "--mcp-config", _mcp_config(tmp_path, "ask"), "--approve")
+    assert (done.returncode, done.stdout) == (0, "{'echoed': 'hi'}\n"), done.stderr
+
+
+def test_run_without_a_terminal_refuses_the_calls_it_cannot_ask(tmp_path: Path) -> None:
+    code = (
+        "import mcptools\ntry:\n    "
+        + _ECHO.replace("\n", "\n    ")
+        + "\nexcept mcptools.ToolCallRejected:\n    print('no')"
+    )
+    done = subprocess.run(
+        [*CELLBOX, "run", "-c", code, "--mcp-config", _mcp_config(tmp_path, "ask")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # no controlling terminal
+    )
+    assert done.stdout == "no\n", done.stderr
+    assert "refused a call of h.echo: no terminal to ask (--approve)" in done.stderr
+
+
+@pytest.mark.parametrize(("answer", "printed"), [("y", "{'echoed': 'hi'}"), ("n", "ToolCallRejected")])
+def test_run_asks_on_the_terminal(tmp_path: Path, answer: str, printed: str) -> None:
+    import pty
+
+    main, side = pty.openpty()
+
+    def take_terminal() -> None:  # the pty becomes the controlling terminal, as in a shell
+        import fcntl
+        import termios
+
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [*CELLBOX, "run", "-c", _ECHO, "--mcp-config", _mcp_config(tmp_path, "ask")],
+        stdin=side,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=take_terminal,
+    )
+    os.close(side)
+    seen = b""
+    while b"[y/N] " not in seen:
+        seen += os.read(main, 4096)
+    assert (
+        b'cellbox: a cell calls the tool "echo" of "h" with\n  "text": "hi"\n  "times": 1\nallow it? [y/N] '
+        in seen.replace(b"\r\n", b"\n")
+    )
+    os.write(main, answer.encode() + b"\n")
+    out, err = proc.communicate(timeout=120)
+    os.close(main)
+    assert printed in out + err
+
+
+def test_run_takes_mcp_servers_from_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[mcp_servers.h]\ncommand = {json.dumps(HOSTILE[0])}\nargs = {json.dumps(HOSTILE[1:])}\n"
+        'approval = "never"\n'
+    )
+    done = subprocess.run(
+        [*CELLBOX, "run", "-c", _ECHO],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CELLBOX_CONFIG": str(config)},
+    )
+    assert (done.returncode, done.stdout) == (0, "{'echoed': 'hi'}\n"), done.stderr
+
+
+def test_run_refuses_a_bad_mcp_config(tmp_path: Path) -> None:
+    path = tmp_path / "servers.json"
+    path.write_text(json.dumps({"mcpServers": {"not-a-name": {"command": "x"}}}))
+    done = cellbox("run", "-c", "1", "--mcp-config", str(path))
+    assert done.returncode == 2 and "mcpServers.not-a-name" in done.stderr

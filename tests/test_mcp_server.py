@@ -27,7 +27,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from cellbox import types as t
-from cellboxd import mcpserver
+from cellboxd import mcpconfig
 
 # The tests of the shared session run in the event loop of its fixture.
 shared_loop = pytest.mark.asyncio(loop_scope="module")
@@ -519,8 +519,8 @@ async def test_a_generated_token_is_printed_once_and_the_stop_ends_the_sessions(
 def test_a_bad_mcp_config_is_refused_naming_the_entry(tmp_path: Path, config: str, message: str) -> None:
     path = tmp_path / "mcp.json"
     path.write_text(config)
-    with pytest.raises(mcpserver.UsageError) as refused:
-        mcpserver.load_mcp_config(path)
+    with pytest.raises(mcpconfig.McpConfigError) as refused:
+        mcpconfig.load(path)
     assert message in str(refused.value) and str(path) in str(refused.value)
 
 
@@ -537,8 +537,8 @@ def test_mcp_config_entries_of_both_kinds(tmp_path: Path) -> None:
         "remote": {"url": "https://example.com/mcp", "headers": {"Authorization": "Bearer t"}},
     }
     path.write_text(json.dumps({"mcpServers": config}))
-    servers = mcpserver.load_mcp_config(path)
-    assert servers["local"] == mcpserver.McpServer(
+    servers = mcpconfig.load(path)
+    assert servers["local"] == mcpconfig.ConfiguredServer(
         t.McpServerSpec(command="tool", args=["--x"], env={"K": "v"}), "never"
     )
     assert (

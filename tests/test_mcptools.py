@@ -158,6 +158,23 @@ def test_types_and_defaults_come_from_the_schema() -> None:
     ) in source
 
 
+def test_colliding_names_and_exploding_refs_stay_cheap() -> None:
+    # names that all come out as `a`, and $defs whose refs multiply at each level: without the
+    # allocator's counters and the types' node budget these take minutes (the test's timeout)
+    tools = [_tool("a" + "!" * i) for i in range(codegen.MAX_TOOLS)]
+    _, entries, skipped = codegen.package("srv", tools)
+    assert len({e.function for e in entries}) == codegen.MAX_TOOLS and not skipped
+    defs = {f"D{i}": {"anyOf": [{"$ref": f"#/$defs/D{i + 1}"}] * 8} for i in range(40)}
+    tool = _tool("deep", properties={"x": {"$ref": "#/$defs/D0"}}, **{"$defs": defs})
+    assert "x: Any" in codegen.module("srv", tool, "deep").source
+    many = _tool("many", properties={f"p{i}": {"type": "string"} for i in range(codegen.MAX_PARAMS + 1)})
+    assert codegen.package("srv", [many])[2] == [
+        f"'many': it has {codegen.MAX_PARAMS + 1} parameters, more than 256"
+    ]
+    with pytest.raises(codegen.CodegenError):
+        codegen.package("srv", [*tools, _tool("one too many")])
+
+
 # -- through the daemon, in a local sandbox ---------------------------------------------------------
 
 
@@ -482,3 +499,37 @@ def test_a_flood_of_calls_is_bounded_and_the_end_of_the_execution_ends_them(kern
     assert kernel.execute(started).text == "8 {'more than 32 calls of MCP tools at once'}\n"
     ended = "for t in threads:\n    t.join(20)\nprint(len(errors), sum('is over' in e for e in errors))"
     assert kernel.execute(ended).text == "40 32\n"
+
+
+def test_names_of_the_mcptools_package_itself_and_a_final_newline_are_refused(box: Sandbox) -> None:
+    for name in ("call", "ToolError", "_private"):
+        with pytest.raises(errors.InvalidParams, match="a name of the mcptools package itself"):
+            box.register_mcp_server(name, command="true")
+    with pytest.raises(errors.InvalidParams, match="must be a Python identifier"):
+        box.client.request(
+            "cellbox/registerMcpServer",
+            {"sandboxId": box.sandbox_id, "name": "time\n", "server": {"command": "true"}},
+        )
+
+
+def test_a_kernel_that_holds_its_tool_connections_or_never_reads_does_not_wedge_the_agent(kernel) -> None:
+    # 200 connections that send nothing, then 4 calls whose 2 MB answers are never read: the
+    # agent writes answers as they are taken and stops taking connections at its cap, so the
+    # kernel's output, the daemon's calls and later tool calls are all still served
+    hold = (
+        "import json, os, socket, struct\nheld = []\n"
+        "for _ in range(200):\n"
+        "    s = socket.socket(socket.AF_UNIX)\n    s.setblocking(False)\n"
+        "    try:\n        s.connect(os.environ['CELLBOX_TOOLS'])\n"
+        "    except BlockingIOError:\n        pass\n"
+        "    held.append(s)\n"
+        "arguments = {'text': 'x' * 1000, 'times': 2000}\n"
+        "request = json.dumps({'server': 'h', 'tool': 'echo', 'arguments': arguments})\n"
+        "for s in held[:4]:\n"
+        "    s.setblocking(True)\n    s.sendall(struct.pack('>I', len(request)) + request.encode())\n"
+        "print('held')"
+    )
+    assert kernel.execute(hold, timeout=60).text == "held\n"
+    assert kernel.execute("print('served')").text == "served\n"
+    release = "for s in held:\n    s.close()\nfrom mcptools.h.echo import echo\nprint(echo(text='after'))"
+    assert kernel.execute(release, timeout=60).text == "{'echoed': 'after'}\n"

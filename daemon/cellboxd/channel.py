@@ -440,11 +440,15 @@ class Channel:
             if port is not None:
                 code = event.get("code")
                 port._end(Exit(code if isinstance(code, int) else None, str(event.get("output", ""))))
-        elif what == "tool" and (port := self._ports.get(_int(event.get("kernel")))) is not None:
-            call = _int(event.get("call"))
-            if port.on_tool is not None and call not in self._tool_calls:
+        elif what == "tool":
+            call, port = _int(event.get("call")), self._ports.get(_int(event.get("kernel")))
+            if port is not None and port.on_tool is not None and call not in self._tool_calls:
                 self._tool_calls[call] = port
                 port.on_tool(call, blob)
+            elif call not in self._tool_calls:  # no kernel to serve it: the call is not left waiting
+                refused = b'{"ok": false, "kind": "failed", "message": "no kernel serves this call"}'
+                task = asyncio.ensure_future(self.call("tool.reply", refused, call=call))
+                task.add_done_callback(lambda done: done.cancelled() or done.exception())
         elif what == "tool.cancel" and (port := self._tool_calls.pop(_int(event.get("call")), None)):
             if port.on_tool_cancel is not None:
                 port.on_tool_cancel(_int(event.get("call")))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
@@ -12,7 +14,14 @@ from typing import TYPE_CHECKING, get_args
 from cellbox import __version__
 from cellbox import types as t
 from cellbox.client import Client, ExecutionEvent
-from cellbox.errors import BackendUnavailable, BuildFailed, CellboxError, InstallFailed, InvalidDependencies
+from cellbox.errors import (
+    BackendUnavailable,
+    BuildFailed,
+    CellboxError,
+    InstallFailed,
+    InvalidDependencies,
+    McpServerFailed,
+)
 
 if TYPE_CHECKING:
     from cellboxd.backends.base import Backend
@@ -24,11 +33,44 @@ _VARIANTS = ["minimal", "basic", "example"]
 _SHORT_ID = 12
 _EXIT_INTERRUPTED = 130
 _DISPLAY_TEXT_CHARS = 80
+_APPROVAL_CHARS = 2000  # characters of a tool call's arguments shown when asking
 
 
-def _client() -> Client:
+def _client(approve: Callable[[t.ApproveToolCallParams], bool] | None = None) -> Client:
     """A client of a daemon run by this interpreter, which logs warnings and errors only."""
-    return Client([sys.executable, "-m", "cellboxd", "serve", "--log-level", "warning"])
+    return Client(
+        [sys.executable, "-m", "cellboxd", "serve", "--log-level", "warning"], approve_tool_call=approve
+    )
+
+
+def _approver(approve_all: bool) -> Callable[[t.ApproveToolCallParams], bool]:
+    """Answers the daemon's approveToolCall: yes with --approve, else the user's word on the
+    terminal (also when stdin is the code); without a terminal, no. What the sandbox passed
+    is shown as JSON, whose escapes keep terminal control sequences out."""
+    asking = threading.Lock()  # one question at a time: calls from threads of a cell queue
+
+    def approve(call: t.ApproveToolCallParams) -> bool:
+        if approve_all:
+            return True
+        from cellboxd.mcptools import preview
+
+        question = (
+            f"cellbox: a cell calls the tool {json.dumps(call.tool)} of {json.dumps(call.server)} with\n"
+            f"{preview(call.arguments, _APPROVAL_CHARS)}\nallow it? [y/N] "
+        )
+        with asking:
+            try:
+                with open("/dev/tty", "rb+", buffering=0) as tty:  # unbuffered: a tty cannot seek
+                    tty.write(question.encode())
+                    return tty.readline().decode(errors="replace").strip().lower() in ("y", "yes")
+            except OSError:
+                print(
+                    f"cellbox: refused a call of {call.server}.{call.tool}: no terminal to ask (--approve)",
+                    file=sys.stderr,
+                )
+                return False
+
+    return approve
 
 
 # --- serve ---------------------------------------------------------------------------------
@@ -113,7 +155,32 @@ def _run(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"cellbox: cannot read {args.file}: {e.strerror}", file=sys.stderr)
             return 1
-    with _client() as client, client.create_sandbox(args.backend, env=dict(args.env)) as sandbox:
+    from cellboxd import mcpconfig
+
+    try:
+        servers = mcpconfig.configured(args.mcp_config)
+    except mcpconfig.McpConfigError as e:
+        print(f"cellbox: {e}", file=sys.stderr)
+        return 2
+    client = _client(_approver(args.approve))
+    with client, client.create_sandbox(args.backend, env=dict(args.env)) as sandbox:
+        for name, server in servers.items():
+            spec = server.spec
+            try:
+                sandbox.register_mcp_server(
+                    name,
+                    command=spec.command,
+                    args=spec.args,
+                    env=spec.env,
+                    cwd=spec.cwd,
+                    url=spec.url,
+                    headers=spec.headers,
+                    approval=server.approval,
+                )
+            except McpServerFailed as e:
+                log = (e.data or {}).get("log") or ""
+                print(f"cellbox: {e.message}" + (f"; its output:\n{log}" if log else ""), file=sys.stderr)
+                return 1
         kernel = sandbox.start_kernel()
         execution = kernel.stream(code, timeout=args.timeout)
         try:
@@ -364,7 +431,8 @@ def _parser() -> argparse.ArgumentParser:
         "  cellbox run -c 'print(6 * 7)'\n"
         "  cellbox run script.py --timeout 600\n"
         "  echo 'import sys; print(sys.version)' | cellbox run -\n"
-        "  cellbox run -c 'import os; print(os.environ[\"API_KEY\"])' --env API_KEY=secret",
+        "  cellbox run -c 'import os; print(os.environ[\"API_KEY\"])' --env API_KEY=secret\n"
+        "  cellbox run agent.py --mcp-config servers.json   # its code calls mcptools.NAME",
     )
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", "--code", help="the code to run")
@@ -384,6 +452,17 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help="an environment variable of the sandbox (repeatable)",
+    )
+    run.add_argument(
+        "--mcp-config",
+        metavar="FILE",
+        help='MCP servers (`{"mcpServers": {...}}`) whose tools the code calls as mcptools.NAME; '
+        "with the config file's mcp_servers",
+    )
+    run.add_argument(
+        "--approve",
+        action="store_true",
+        help="approve every call of their tools (else each is asked on the terminal)",
     )
     run.set_defaults(handler=_run)
 

@@ -70,6 +70,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     docker_channel: Literal["auto", "exec"] = "auto"
     # seconds the client has to answer cellbox/approveToolCall; no answer refuses the call
     approval_timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # MCP servers that `cellbox mcp` and `cellbox run` register in their sandboxes, as tables
+    # in the `mcpServers` format (`[mcp_servers.time]`, `command = "mcp-server-time"`): mcpconfig.py
+    mcp_servers: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ Notify = Callable[[str, Any], None]
 
 COALESCE_SECONDS = 0.005
 COALESCE_CHARS = 64 * 1024
+HELD_CAP = 3600.0  # seconds of waiting (for approvals) an execution's timeout is held for, in all
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _EXTS = "|".join(sorted(set(IMAGE_EXT.values())))
@@ -79,11 +80,12 @@ class Execution:
         self._holds = 0  # waits under way that do not count against the timeout
         self._held_since = 0.0
         self._held_due: float | None = None
+        self._held = 0.0  # seconds held so far
 
     @contextlib.contextmanager
     def holding_time(self) -> Iterator[None]:
         """Time spent inside does not count against the execution's timeout (a wait for the
-        client's approval); waits that overlap count once."""
+        client's approval); waits that overlap count once, and HELD_CAP in all."""
         deadline = self.deadline
         if deadline is None:
             yield
@@ -98,8 +100,10 @@ class Execution:
         finally:
             self._holds -= 1
             if self._holds == 0 and self._held_due is not None:
+                held = min(self._loop.time() - self._held_since, max(0.0, HELD_CAP - self._held))
+                self._held += held
                 with contextlib.suppress(RuntimeError):
-                    deadline.reschedule(self._held_due + self._loop.time() - self._held_since)
+                    deadline.reschedule(self._held_due + held)
 
     # -- messages from the kernel -----------------------------------------------------------
 

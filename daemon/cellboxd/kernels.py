@@ -580,9 +580,9 @@ class Kernel:
                 reply = await self._tools(self, execution, request)
         except asyncio.CancelledError:
             reply = mcptools.answer("failed", "the call was ended: its execution was interrupted or is over")
-        except Exception as exc:
-            log.exception("kernel %s: a tool call failed", self.kernel_id)
-            reply = mcptools.answer("failed", f"the daemon failed the call: {exc!r}")
+        except Exception as exc:  # the sandbox's request: a line in the log, not a traceback
+            log.warning("kernel %s: a tool call failed: %r", self.kernel_id, exc)
+            reply = mcptools.answer("failed", f"the daemon failed the call: {type(exc).__name__}")
         await process.port.answer_tool(call, reply)
 
     def _on_tool_cancel(self, call: int) -> None:

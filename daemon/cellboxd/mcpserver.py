@@ -19,21 +19,17 @@ import codecs
 import contextlib
 import dataclasses
 import hmac
-import json
-import keyword
 import mimetypes
-import re
 import secrets
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, get_args
+from typing import Any, Final
 
 import anyio
 import mcp_types as mt
-import msgspec
 import uvicorn
 from mcp.server.connection import Connection
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -50,6 +46,9 @@ from cellbox import __version__
 from cellbox import types as t
 from cellbox.client import AsyncClient, AsyncKernel, AsyncSandbox
 from cellbox.errors import CellboxError, InstallFailed
+from cellboxd import mcpconfig
+from cellboxd.mcpconfig import ConfiguredServer
+from cellboxd.mcptools import preview
 
 _DAEMON: Final = [sys.executable, "-m", "cellboxd", "serve", "--log-level", "warning"]
 _SESSION_KEY: Final = "cellbox.session"  # the session's entry in its connection's state
@@ -67,14 +66,6 @@ class UsageError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class McpServer:
-    """A server of `--mcp-config`, registered into each session's sandbox as `mcptools.<name>`."""
-
-    spec: t.McpServerSpec
-    approval: t.Approval = "ask"
-
-
-@dataclasses.dataclass(frozen=True)
 class Options:
     """What each session's sandbox is made of, and how the tools answer."""
 
@@ -85,55 +76,7 @@ class Options:
     limits: t.Limits | None = None
     network: t.Network | None = None
     approve: bool = False  # approve every tool call of a `mcp_servers` server without asking
-    mcp_servers: Mapping[str, McpServer] = dataclasses.field(default_factory=dict)
-
-
-_TRANSPORT_TYPES: Final = {"stdio": "command", "http": "url", "streamable-http": "url"}
-
-
-def load_mcp_config(path: Path) -> dict[str, McpServer]:
-    """The servers of a file in the `{"mcpServers": {name: server}}` format of MCP hosts: a
-    stdio server `{command, args?, env?, cwd?}` or a streamable HTTP one `{url, headers?}`,
-    each with an optional `type` ("stdio", "http") and cellbox's `approval` ("ask", "never")."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is not JSON: {e}") from e
-    servers = document.get("mcpServers") if isinstance(document, dict) else None
-    if not isinstance(servers, dict):
-        raise UsageError(f'{path}: expected an object {{"mcpServers": {{"NAME": {{...}}, ...}}}}')
-    return {name: _config_entry(f"{path}: mcpServers.{name}", name, entry) for name, entry in servers.items()}
-
-
-def _config_entry(where: str, name: str, entry: Any) -> McpServer:
-    try:
-        msgspec.convert(name, t.ServerName)
-    except msgspec.ValidationError:
-        suggestion = re.sub(r"\W", "_", name.strip(), flags=re.ASCII) or "server"
-        if not suggestion.isidentifier() or keyword.iskeyword(suggestion):
-            suggestion = f"_{suggestion}"
-        raise UsageError(
-            f"{where}: the name must be a Python identifier of at most 64 characters, not a keyword, "
-            f"since the sandbox imports the server's tools as mcptools.<name>: e.g. {suggestion!r}"
-        ) from None
-    if not isinstance(entry, dict):
-        raise UsageError(f"{where}: expected an object with `command` or `url`")
-    fields = dict(entry)
-    approval = fields.pop("approval", "ask")
-    if approval not in get_args(t.Approval):
-        raise UsageError(f"{where}: `approval` is 'ask' or 'never', not {approval!r}")
-    kind = fields.pop("type", None)
-    if kind is not None and kind not in _TRANSPORT_TYPES:
-        raise UsageError(f"{where}: `type` {kind!r} is not served: 'stdio' or 'http' (streamable HTTP)")
-    try:
-        spec = msgspec.convert(fields, t.McpServerSpec)
-    except msgspec.ValidationError as e:
-        raise UsageError(f"{where}: {e}") from None
-    if kind is not None and getattr(spec, _TRANSPORT_TYPES[kind]) is None:
-        raise UsageError(f"{where}: a server of `type` {kind!r} needs `{_TRANSPORT_TYPES[kind]}`")
-    return McpServer(spec, approval)
+    mcp_servers: Mapping[str, ConfiguredServer] = dataclasses.field(default_factory=dict)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -515,9 +458,7 @@ class _App:
         capabilities = ctx.session.client_capabilities if ctx is not None else None
         if ctx is None or capabilities is None or capabilities.elicitation is None:
             return False
-        arguments = json.dumps(params.arguments, indent=2, ensure_ascii=False)
-        if len(arguments) > _APPROVAL_ARGUMENTS_CHARS:
-            arguments = arguments[:_APPROVAL_ARGUMENTS_CHARS] + " …"
+        arguments = preview(params.arguments, _APPROVAL_ARGUMENTS_CHARS)
         message = (
             f"The Python code running in cellbox wants to call the tool `{params.tool}` of the MCP "
             f"server `{params.server}` with these arguments:\n{arguments}\nAllow this call?"
@@ -681,6 +622,9 @@ class _BearerAuth:
         self._token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # not served: refused before anything reads it
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] == "http":
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, credentials = header.partition(b" ")
@@ -730,7 +674,7 @@ def main(args: argparse.Namespace) -> int:
             network=args.network,
             max_output_chars=args.max_output_chars,
             approve=args.approve,
-            mcp_servers=load_mcp_config(Path(args.mcp_config)) if args.mcp_config else {},
+            mcp_servers=mcpconfig.configured(args.mcp_config),
         )
         server = _App(options).server
         if args.http is None:
@@ -744,7 +688,7 @@ def main(args: argparse.Namespace) -> int:
             host, port = _address(args.http)
             token, generated = _token(args.token_file)
             anyio.run(_serve_http, server, host, port, token, generated)
-    except UsageError as e:
+    except (UsageError, mcpconfig.McpConfigError) as e:
         print(f"cellbox: {e}", file=sys.stderr)
         return 2
     return 0

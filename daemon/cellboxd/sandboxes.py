@@ -186,7 +186,8 @@ class SandboxManager:
     async def destroy(self, sandbox_id: str, now: bool = False) -> None:
         sandbox = self.get(sandbox_id)
         del self._sandboxes[sandbox_id]
-        await self._discard(sandbox, now)
+        # out of the list, nothing else would remove it: a cancelled request does not stop that
+        await asyncio.shield(self._discard(sandbox, now))
         log.info("sandbox %s destroyed", sandbox_id)
 
     async def close_all(self) -> None:

@@ -360,6 +360,10 @@ class RegisterMcpServerParams(Struct):
     server: McpServerSpec
     approval: Approval = "ask"
 
+    def __post_init__(self) -> None:
+        if self.name.endswith("\n"):  # the pattern's `$` lets a final newline through
+            raise ValueError("`name` must be a Python identifier")
+
 
 class McpTool(Struct):
     name: str  # the tool's name, as the server gave it

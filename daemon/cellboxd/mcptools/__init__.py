@@ -12,6 +12,23 @@ execution's timeout. The answer goes back as a small JSON object:
 from __future__ import annotations
 
 import json
+from typing import Any
+
+
+def preview(arguments: dict[str, Any], limit: int = 2000) -> str:
+    """A tool call's arguments for a person to approve: every key, each value's JSON cut to its
+    share of `limit` (the sandbox chose them, and must not hide one behind another). JSON's
+    escapes keep terminal control sequences out."""
+    if not arguments:
+        return "(no arguments)"
+    share = max(40, limit // len(arguments))
+    lines = []
+    for key, value in arguments.items():
+        text = json.dumps(value)
+        if len(text) > share:
+            text = text[:share] + f"... ({len(text)} characters in all)"
+        lines.append(f"  {json.dumps(key)}: {text}")
+    return "\n".join(lines)
 
 
 def answer(kind: str, message: str) -> bytes:

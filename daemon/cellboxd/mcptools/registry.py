@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -36,6 +37,11 @@ class _Request(msgspec.Struct):
     arguments: dict[str, Any] = {}
 
 
+# Names a server cannot have: the attributes of `mcptools` itself (runtime.py), which the
+# import of `mcptools.<name>` would replace.
+RESERVED = frozenset(["call", "ToolError", "ToolCallRejected", "annotations"])
+
+
 class SandboxTools:
     """The MCP servers registered in one sandbox."""
 
@@ -44,36 +50,52 @@ class SandboxTools:
         self._runtime = runtime
         self._approve = approve
         self._servers: dict[str, McpServer] = {}
+        self._changing = asyncio.Lock()  # one registration or removal at a time
+        self._closed = False
 
     async def register(self, params: t.RegisterMcpServerParams) -> t.RegisterMcpServerResult:
         """Connects to the server and writes its package; one of the same name is replaced."""
         from cellboxd.mcptools.servers import McpServer  # the MCP SDK, with the first server
 
-        server = McpServer(params.name, params.server, params.approval)
-        await server.start()
-        try:
-            modules, tools = codegen.package(params.name, server.tools.values())
-            if (old := self._servers.pop(params.name, None)) is not None:
-                await _closed(old)
-            await self._remove(params.name)
-            await self._write("__init__.py", RUNTIME)
-            for path, source in modules.items():
-                await self._write(f"{params.name}/{path}", source)
-        except BaseException:
-            await _closed(server)
-            raise
-        self._servers[params.name] = server
+        if params.name in RESERVED or params.name.startswith("_"):
+            raise errors.InvalidParams(
+                f"Invalid params: {params.name!r} is a name of the mcptools package itself - at `$.name`"
+            )
+        async with self._changing:
+            server = McpServer(params.name, params.server, params.approval)
+            try:
+                await server.start()
+                if self._closed:  # the sandbox went while the server started
+                    raise errors.SandboxNotFound(f"sandbox {self._sandbox_id} was destroyed")
+                try:
+                    package = await asyncio.to_thread(codegen.package, params.name, server.tools.values())
+                except codegen.CodegenError as exc:
+                    raise errors.McpServerFailed(f"MCP server {params.name!r}: {exc}", {"log": ""}) from None
+                modules, tools, skipped = package
+                if (old := self._servers.pop(params.name, None)) is not None:
+                    await _closed(old)
+                await self._remove(params.name)
+                await self._write("__init__.py", RUNTIME)
+                for path, source in modules.items():
+                    await self._write(f"{params.name}/{path}", source)
+            except BaseException:
+                await asyncio.shield(_closed(server))
+                raise
+            self._servers[params.name] = server
+        for why in skipped:
+            log.warning("sandbox %s: MCP server %s: tool %s left out", self._sandbox_id, params.name, why)
         log.info("sandbox %s: MCP server %s registered, %d tools", self._sandbox_id, params.name, len(tools))
         return t.RegisterMcpServerResult(name=params.name, package=f"mcptools.{params.name}", tools=tools)
 
     async def unregister(self, name: str) -> None:
-        server = self._servers.pop(name, None)
-        if server is None:
-            raise errors.InvalidParams(
-                f"Invalid params: no MCP server {name!r} is registered in sandbox {self._sandbox_id}"
-            )
-        await _closed(server)
-        await self._remove(name)
+        async with self._changing:
+            server = self._servers.pop(name, None)
+            if server is None:
+                raise errors.InvalidParams(
+                    f"Invalid params: no MCP server {name!r} is registered in sandbox {self._sandbox_id}"
+                )
+            await _closed(server)
+            await self._remove(name)
 
     async def _write(self, path: str, source: str) -> None:
         content = source.encode()
@@ -86,13 +108,15 @@ class SandboxTools:
             await files.delete(self._runtime, params)
 
     async def call(self, kernel_id: str, execution: Execution | None, request: bytes) -> bytes:
-        """Serves one call from a kernel: its answer."""
+        """Serves one call from a kernel: its answer. What the kernel is told of a failure says
+        nothing of the server's output or address, which may hold its secrets: those go to the
+        daemon's log."""
         if execution is None:
             return answer("rejected", "MCP tools can be called only from a running execution")
         try:
             call = msgspec.json.decode(request, type=_Request)
-        except msgspec.DecodeError as exc:
-            return answer("failed", f"a malformed call: {exc}")
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return answer("failed", f"a malformed call: {type(exc).__name__}")
         server = self._servers.get(call.server)
         if server is None:
             return answer("failed", f"no MCP server {call.server!r} is registered in this sandbox")
@@ -112,18 +136,26 @@ class SandboxTools:
                 approved = await self._approve(params)
             if not approved:
                 return answer("rejected", f"the call of {call.server}.{call.tool} was not approved")
+            if self._servers.get(call.server) is not server:  # unregistered while it waited
+                return answer("failed", f"the MCP server {call.server!r} was unregistered")
         try:
             result = await server.call(call.tool, call.arguments)
-        except errors.McpServerFailed as exc:
-            return answer("tool", f"{exc.message}\n{(exc.data or {}).get('log', '')}".rstrip())
         except Exception as exc:
-            return answer("tool", f"the MCP server {call.server!r} failed the call: {exc}")
+            detail = (
+                f"{exc.message}\n{(exc.data or {}).get('log', '')}"
+                if isinstance(exc, errors.CellboxError)
+                else exc
+            )
+            log.warning("sandbox %s: %s.%s failed: %s", self._sandbox_id, call.server, call.tool, detail)
+            return answer(
+                "tool", f"the MCP server {call.server!r} failed the call (the daemon's log says why)"
+            )
         return _result(tool.output_schema is not None, result)
 
     async def close(self) -> None:
+        self._closed = True
         servers, self._servers = self._servers, {}
-        for server in servers.values():
-            await _closed(server)
+        await asyncio.gather(*(_closed(server) for server in servers.values()))
 
 
 async def _closed(server: McpServer) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 __all__ = ["ToolCallRejected", "ToolError", "call"]
 
 _HEADER = struct.Struct(">I")
+_REQUEST = 3 << 20  # bytes of a call's request the sandbox's agent takes
 
 
 class ToolError(Exception):
@@ -59,12 +60,20 @@ def call(server: str, tool: str, arguments: dict[str, Any], optional: tuple[str,
     path = os.environ.get("CELLBOX_TOOLS")
     if not path:
         raise ToolError("this kernel was not started by cellbox: no way to reach MCP tools")
-    request = json.dumps({"server": server, "tool": tool, "arguments": arguments}).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)
-        sock.sendall(_HEADER.pack(len(request)) + request)
-        (size,) = _HEADER.unpack(_receive(sock, _HEADER.size))
-        reply = json.loads(_receive(sock, size))
+    try:
+        request = json.dumps({"server": server, "tool": tool, "arguments": arguments}).encode()
+    except (TypeError, ValueError) as e:
+        raise ToolError(f"the arguments are not JSON: {e}") from None
+    if len(request) > _REQUEST:
+        raise ToolError(f"the call's arguments take more than {_REQUEST >> 20} MiB")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            sock.sendall(_HEADER.pack(len(request)) + request)
+            (size,) = _HEADER.unpack(_receive(sock, _HEADER.size))
+            reply = json.loads(_receive(sock, size))
+    except OSError as e:
+        raise ToolError(f"the sandbox's agent cannot be reached: {e}") from None
     if reply.get("ok"):
         _display(reply.get("images") or [])
         return reply.get("result")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
-import tempfile
 from typing import IO, Any, TextIO, cast
 
 import anyio
@@ -46,6 +46,22 @@ _LAUNCH = (
 )
 
 
+class _Tail(asyncio.Protocol):
+    """The end of what a stdio server writes to its stderr, kept in a bounded buffer."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        del self.data[:-LOG_TAIL]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
 class McpServer:
     """A registered server: its tools as it listed them, and calls of them."""
 
@@ -55,9 +71,11 @@ class McpServer:
         self.approval = approval
         self.tools: dict[str, mcp_types.Tool] = {}
         self._client: Client | None = None
-        self._errlog: IO[bytes] | None = None
+        self._tail: _Tail | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self._starting = asyncio.Lock()  # one start at a time, also of concurrent calls
+        self._released = False
 
     @property
     def alive(self) -> bool:
@@ -65,6 +83,8 @@ class McpServer:
 
     async def start(self) -> None:
         """Connects and lists the tools; McpServerFailed, with the server's output, if it cannot."""
+        if self._released:
+            raise errors.McpServerFailed(f"MCP server {self.name!r} was unregistered", {"log": ""})
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         self._closing.clear()
@@ -76,11 +96,21 @@ class McpServer:
             raise self._failed(f"did not answer within {START_TIMEOUT:g} s") from None
         except Exception as exc:
             await self.close()
+            if self._tail is not None:  # what it said before it ended
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._tail.ended), 1.0)
             raise self._failed(_describe(exc)) from None
+        except BaseException:  # cancelled: the server must not outlive the request
+            await asyncio.shield(self.close())
+            raise
 
     async def _serve(self, ready: asyncio.Future[None]) -> None:
         try:
-            async with Client(self._transport(), client_info=_INFO) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                transport, errlog = await self._transport(stack)
+                client = await stack.enter_async_context(Client(transport, client_info=_INFO))
+                if errlog is not None:
+                    errlog.close()  # the server's process has its copy: its end is the pipe's end
                 self.tools = await _list_tools(client)
                 self._client = client
                 ready.set_result(None)
@@ -95,28 +125,41 @@ class McpServer:
         finally:
             self._client = None
 
-    def _transport(self) -> Any:
+    async def _transport(self, stack: contextlib.AsyncExitStack) -> tuple[Any, IO[bytes] | None]:
+        """The SDK's transport, and the write end of a stdio server's stderr pipe."""
         spec = self.spec
         if spec.url is not None:
-            return streamable_http_client(spec.url, http_client=create_mcp_http_client(headers=spec.headers))
+            http = await stack.enter_async_context(create_mcp_http_client(headers=spec.headers))
+            return streamable_http_client(spec.url, http_client=http), None
         assert spec.command is not None
-        if self._errlog is None:
-            self._errlog = tempfile.TemporaryFile()  # noqa: SIM115 - kept open while registered
+        read_end, write_end = os.pipe()
+        errlog = os.fdopen(write_end, "wb", buffering=0)
+        stack.callback(errlog.close)
+        tail = _Tail()
+        if self._tail is not None:
+            tail.data = self._tail.data  # what earlier runs said stays
+        self._tail = tail
+        pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: tail, os.fdopen(read_end, "rb", buffering=0)
+        )
+        stack.callback(pipe.close)
         params = StdioServerParameters(
             command=sys.executable,
             args=["-c", _LAUNCH, spec.command, *spec.args],
             env=spec.env,
             cwd=spec.cwd,
         )
-        return stdio_client(params, errlog=cast(TextIO, self._errlog))  # the child's stderr only
+        return stdio_client(params, errlog=cast(TextIO, errlog)), errlog  # the child's stderr only
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> mcp_types.CallToolResult:
         """Calls a tool; a server whose connection ended is started again for the next call
         (not for this one, which may have been what ended it)."""
-        if not self.alive:
-            await self.start()
+        async with self._starting:
+            if not self.alive:
+                await self.start()
         client = self._client
-        assert client is not None
+        if client is None:
+            raise errors.McpServerFailed(f"MCP server {self.name!r} is gone", {"log": self.output()})
         scope = anyio.CancelScope()
 
         async def run() -> mcp_types.CallToolResult:
@@ -141,14 +184,7 @@ class McpServer:
 
     def output(self) -> str:
         """The end of what a stdio server wrote to its stderr."""
-        if self._errlog is None:
-            return ""
-        with contextlib.suppress(OSError, ValueError):
-            self._errlog.flush()
-            size = self._errlog.seek(0, 2)
-            self._errlog.seek(max(0, size - LOG_TAIL))
-            return self._errlog.read().decode(errors="replace")
-        return ""
+        return "" if self._tail is None else self._tail.data.decode(errors="replace")
 
     def _failed(self, why: str) -> errors.McpServerFailed:
         where = self.spec.url or self.spec.command
@@ -167,10 +203,8 @@ class McpServer:
                     await task
 
     def release(self) -> None:
-        """Frees what outlives a connection (the stderr file), once the server is unregistered."""
-        if self._errlog is not None:
-            self._errlog.close()
-            self._errlog = None
+        """Once unregistered, it starts no more."""
+        self._released = True
 
 
 _INFO = mcp_types.Implementation(name="cellbox", version=__version__)

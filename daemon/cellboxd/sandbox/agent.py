@@ -39,6 +39,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,8 @@ _READ = 1 << 20
 _PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4}
 TOOL_REQUEST = 3 << 20  # bytes of one tool call's request: the daemon takes events of 4 MiB
 _TOOL_HEADER = struct.Struct(">I")
-_TOOL_SEND_TIMEOUT = 10.0  # seconds a kernel gets to take a tool's answer
+_TOOL_SEND_TIMEOUT = 30.0  # seconds a kernel gets to take a tool's answer
+TOOL_CONNECTIONS = 64  # connections of one kernel's tool calls open at once; more wait to be taken
 
 try:  # kernels die with the agent, even a killed one
     import ctypes
@@ -103,6 +105,8 @@ class _Kernel(_Child):
         self.tail: collections.deque[bytes] = collections.deque()
         self.tail_size = 0
         self.tools: unix.socket | None = None  # where its calls of MCP tools come in
+        self.connections = 0  # of its tool calls, open
+        self.accepting = False  # its tool socket is watched
 
     def keep(self, data: bytes) -> None:
         self.tail.append(data)
@@ -124,6 +128,15 @@ class _ToolCall:
         self.sent = False  # passed on to the daemon
 
 
+class _Answer:
+    """A tool call's answer being written to its kernel, which has until `deadline` to take it."""
+
+    def __init__(self, conn: unix.socket, data: bytes, deadline: float) -> None:
+        self.conn = conn
+        self.data = memoryview(data)
+        self.deadline = deadline
+
+
 class Agent:
     """Serves the channel on the file descriptors `rx` (read) and `tx` (written): stdin and
     stdout, or both a socket's."""
@@ -143,6 +156,7 @@ class Agent:
         self.runs: dict[int, _Child] = {}
         self.tool_calls: dict[int, _ToolCall] = {}
         self.tool_ids = itertools.count(1)
+        self.answers: dict[int, _Answer] = {}  # fd -> an answer not yet taken whole
         self.readers: dict[int, Callable[[], None]] = {}  # fd -> what to do when it is readable
         self.sockets: dict[Any, tuple[int, int]] = {}  # zmq socket -> (slot, channel)
         self.own_folder = folder is None  # made here, and removed at the end
@@ -187,8 +201,10 @@ class Agent:
         try:
             while not self.done:
                 self.flush()
-                for item, _ in self.poller.poll():
-                    if item == self.rx:
+                for item, _ in self.poller.poll(1000 if self.answers else None):
+                    if item in self.answers:
+                        self._write_answer(item)
+                    elif item == self.rx:
                         self.read_channel()
                     elif item == 0:
                         self.watch_stdin()
@@ -202,6 +218,7 @@ class Agent:
                             readable()
                     else:
                         self.read_socket(item)
+                self._expire_answers()
         finally:
             self.close()
 
@@ -310,6 +327,15 @@ class Agent:
             "signature_scheme": "hmac-sha256",
             "kernel_name": "",
         }
+        tools_path = base + ".tools"
+        tools = unix.socket(unix.AF_UNIX, unix.SOCK_STREAM)
+        try:
+            tools.bind(tools_path)
+        except OSError:
+            tools.close()
+            raise
+        tools.listen(64)
+        tools.setblocking(False)
         connection_file = base + ".json"
         fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as file:
@@ -321,11 +347,6 @@ class Agent:
             a.replace("{connection_file}", connection_file).replace("{credits}", credits)
             for a in args["argv"]
         ]
-        tools_path = base + ".tools"
-        tools = unix.socket(unix.AF_UNIX, unix.SOCK_STREAM)
-        tools.bind(tools_path)
-        tools.listen(64)
-        tools.setblocking(False)
         read_end, write_end = os.pipe()
         try:
             proc = subprocess.Popen(
@@ -342,6 +363,9 @@ class Agent:
             os.close(read_end)
             os.close(credits_fd)
             tools.close()
+            for path in (connection_file, credits, tools_path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise files.FileError("failed", f"cannot start the kernel: {exc}", "") from None
         finally:
             os.close(write_end)
@@ -364,7 +388,7 @@ class Agent:
         name = str(args.get("name") or f"k{slot}")
         kernel = self.kernels[slot] = _Kernel(proc, base, sockets, credits_fd, name)
         kernel.tools = tools
-        self._watch(tools.fileno(), lambda: self._accept_tool(slot, tools))
+        self._accept_tools(slot, kernel, True)
         self._watch_pipe(kernel, read_end, kernel.keep)
         return {"pid": proc.pid}, b""
 
@@ -421,11 +445,11 @@ class Agent:
                     self.poller.unregister(socket)
             socket.close(0)
         os.close(kernel.credits)
-        if kernel.tools is not None:
-            self._unwatch(kernel.tools.fileno())
-            kernel.tools.close()
         for ident in [i for i, c in self.tool_calls.items() if c.slot == slot]:
             self._drop_tool(ident)
+        if kernel.tools is not None:
+            self._accept_tools(slot, kernel, False)
+            kernel.tools.close()
         for path in (
             kernel.base + ".json",
             kernel.base + ".credits",
@@ -439,16 +463,31 @@ class Agent:
 
     # -- calls of MCP tools -----------------------------------------------------------------
 
-    def _accept_tool(self, slot: int, tools: unix.socket) -> None:
+    def _accept_tools(self, slot: int, kernel: _Kernel, on: bool) -> None:
+        """Watches a kernel's tool socket, or stops: at TOOL_CONNECTIONS open connections, or
+        when the agent has no descriptor left, further calls wait in the socket's backlog."""
+        assert kernel.tools is not None
+        if on and not kernel.accepting:
+            self._watch(kernel.tools.fileno(), lambda: self._accept_tool(slot, kernel))
+        elif not on and kernel.accepting:
+            self._unwatch(kernel.tools.fileno())
+        kernel.accepting = on
+
+    def _accept_tool(self, slot: int, kernel: _Kernel) -> None:
+        assert kernel.tools is not None
         try:
-            conn, _ = tools.accept()
+            conn, _ = kernel.tools.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
+        except OSError:  # no descriptor left: taken again as a call ends
+            self._accept_tools(slot, kernel, False)
             return
         conn.setblocking(False)
         ident = next(self.tool_ids)
         self.tool_calls[ident] = _ToolCall(conn, slot)
+        kernel.connections += 1
+        if kernel.connections >= TOOL_CONNECTIONS:
+            self._accept_tools(slot, kernel, False)
         self._watch(conn.fileno(), lambda: self._read_tool(ident))
 
     def _read_tool(self, ident: int) -> None:
@@ -485,19 +524,38 @@ class Agent:
         return {}, b""
 
     def _answer_tool(self, ident: int, reply: bytes) -> None:
-        """Writes a call's answer and closes its connection; a kernel that does not take it
-        within _TOOL_SEND_TIMEOUT loses it (and holds up only its own sandbox meanwhile)."""
+        """Writes a call's answer, as the kernel takes it, and then closes its connection; a
+        kernel that does not take it within _TOOL_SEND_TIMEOUT loses it."""
         call = self.tool_calls.get(ident)
         if call is None:  # cancelled meanwhile
             return
         self._drop_tool(ident, close=False)
+        fd = call.conn.fileno()
+        deadline = time.monotonic() + _TOOL_SEND_TIMEOUT
+        self.answers[fd] = _Answer(call.conn, _TOOL_HEADER.pack(len(reply)) + reply, deadline)
+        self.poller.register(fd, zmq.POLLOUT)
+        self._write_answer(fd)
+
+    def _write_answer(self, fd: int) -> None:
+        answer = self.answers[fd]
         try:
-            call.conn.settimeout(_TOOL_SEND_TIMEOUT)
-            call.conn.sendall(_TOOL_HEADER.pack(len(reply)) + reply)
+            while answer.data:
+                answer.data = answer.data[answer.conn.send(answer.data) :]
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
             pass
-        finally:
-            call.conn.close()
+        self._end_answer(fd)
+
+    def _end_answer(self, fd: int) -> None:
+        answer = self.answers.pop(fd)
+        self.poller.unregister(fd)
+        answer.conn.close()
+
+    def _expire_answers(self) -> None:
+        now = time.monotonic()
+        for fd in [fd for fd, answer in self.answers.items() if answer.deadline < now]:
+            self._end_answer(fd)
 
     def _drop_tool(self, ident: int, close: bool = True) -> None:
         call = self.tool_calls.pop(ident, None)
@@ -506,6 +564,11 @@ class Agent:
         self._unwatch(call.conn.fileno())
         if close:
             call.conn.close()
+        kernel = self.kernels.get(call.slot)
+        if kernel is not None:
+            kernel.connections -= 1
+            if kernel.code is None and kernel.tools is not None and kernel.connections < TOOL_CONNECTIONS:
+                self._accept_tools(call.slot, kernel, True)
 
     def _watch(self, fd: int, readable: Callable[[], None]) -> None:
         self.readers[fd] = readable
