@@ -5,12 +5,14 @@ mcp-server-sqlite, npm's server-everything) and a hostile one of the tests' own.
 from __future__ import annotations
 
 import ast
+import asyncio
 import os
 import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -468,6 +470,9 @@ def test_a_client_without_approvals_refuses_and_an_unanswered_one_times_out(cell
             if answer == "-32601":
                 d.send({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "no"}})
             assert d.response(msg_id, timeout=30)["result"]["text"] == "rejected\n"
+            if answer == "none":  # the question is withdrawn
+                asked_id = request["id"]
+                assert d.wait_for("$/cancelRequest", lambda p, asked=asked_id: p["id"] == asked)
 
 
 def test_tools_work_in_a_docker_sandbox_without_network(client: Client, docker_engine: None) -> None:
@@ -533,3 +538,26 @@ def test_a_kernel_that_holds_its_tool_connections_or_never_reads_does_not_wedge_
     assert kernel.execute("print('served')").text == "served\n"
     release = "for s in held:\n    s.close()\nfrom mcptools.h.echo import echo\nprint(echo(text='after'))"
     assert kernel.execute(release, timeout=60).text == "{'echoed': 'after'}\n"
+
+
+def test_a_question_the_daemon_withdraws_cancels_the_clients_callback(cellbox_home: Path) -> None:
+    cancelled = threading.Event()
+
+    async def never_answers(params: t.ApproveToolCallParams) -> bool:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return True
+
+    code = (
+        "import mcptools\nfrom mcptools.time.get_current_time import get_current_time\n"
+        "try:\n    get_current_time(timezone='UTC')\n"
+        "except mcptools.ToolCallRejected as e:\n    print('rejected')"
+    )
+    client = Client(approve_tool_call=never_answers, env={"CELLBOX_APPROVAL_TIMEOUT": "1"})
+    with client, client.create_sandbox() as sandbox:
+        sandbox.register_mcp_server("time", command=TIME[0], args=TIME[1:])
+        assert sandbox.start_kernel().execute(code).text == "rejected\n"
+        assert cancelled.wait(10)

@@ -45,7 +45,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cellbox import __version__
 from cellbox import types as t
 from cellbox.client import AsyncClient, AsyncKernel, AsyncSandbox
-from cellbox.errors import CellboxError, InstallFailed
+from cellbox.errors import (
+    CellboxError,
+    InstallFailed,
+    KernelDied,
+    KernelNotFound,
+    RequestFailed,
+    SandboxNotFound,
+)
 from cellboxd import mcpconfig
 from cellboxd.mcpconfig import ConfiguredServer
 from cellboxd.mcptools import preview
@@ -277,7 +284,15 @@ class _Session:
             if self._kernel is None:
                 self._kernel = await sandbox.start_kernel()
             elif self._kernel.state == "dead":
-                await self._kernel.restart()
+                try:
+                    await self._kernel.restart()
+                except (KernelDied, KernelNotFound, SandboxNotFound, RequestFailed):
+                    # the sandbox itself is gone (its container was removed, say): a new one
+                    self._sandbox = self._kernel = None
+                    with contextlib.suppress(CellboxError):
+                        await sandbox.destroy()
+                    self._sandbox = await self._app.create_sandbox()
+                    self._kernel = await self._sandbox.start_kernel()
             return self._kernel
 
     async def restart(self) -> bool:

@@ -291,13 +291,17 @@ class CellboxServer(LanguageServer):
 
     async def _approve_tool_call(self, params: t.ApproveToolCallParams) -> bool:
         """Asks the client; only `{approved: true}` within the approval timeout approves, and a
-        client without the method (-32601) refuses."""
+        client without the method (-32601) refuses. A question that is no longer asked (no
+        answer in time, or the call ended) is withdrawn with `$/cancelRequest`."""
         timeout = self.settings.approval_timeout
+        msg_id = uuid.uuid4().hex
+        answered = False
         try:
             async with asyncio.timeout(timeout):
                 answer = await self.protocol.send_request_async(
-                    methods.APPROVE_TOOL_CALL, msgspec.to_builtins(params)
+                    methods.APPROVE_TOOL_CALL, msgspec.to_builtins(params), msg_id=msg_id
                 )
+            answered = True
             # pygls hands a result over as a named tuple of its fields
             approved = (
                 answer.get("approved") if isinstance(answer, dict) else getattr(answer, "approved", None)
@@ -308,7 +312,12 @@ class CellboxServer(LanguageServer):
         except TimeoutError:
             log.warning("no answer to %s within %g s: refused", methods.APPROVE_TOOL_CALL, timeout)
         except JsonRpcException as exc:
+            answered = True
             log.info("the client answered %s with an error: %s", methods.APPROVE_TOOL_CALL, exc)
+        finally:
+            if not answered:
+                self.protocol._request_futures.pop(msg_id, None)
+                self.protocol.send_notification(lsp.CANCEL_REQUEST, {"id": msg_id})
         return False
 
 

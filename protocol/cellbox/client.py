@@ -212,6 +212,7 @@ class AsyncClient:
         self._stderr = stderr
         self._on_log = on_log
         self._approve = approve_tool_call
+        self._approvals: dict[int | str, asyncio.Task[None]] = {}  # questions not answered yet
         self._process: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
@@ -425,9 +426,12 @@ class AsyncClient:
         elif message.id is None:
             self._on_notification(message.method, message.params)
         elif message.method == methods.APPROVE_TOOL_CALL:
-            task = asyncio.create_task(self._answer_approval(message.id, message.params))
+            request_id = message.id
+            task = asyncio.create_task(self._answer_approval(request_id, message.params))
             self._tasks.append(task)
+            self._approvals[request_id] = task
             task.add_done_callback(self._tasks.remove)
+            task.add_done_callback(lambda _: self._approvals.pop(request_id, None))
         else:  # a request from the daemon (workDoneProgress/create, registerCapability...)
             with contextlib.suppress(TransportError):
                 self._write({"jsonrpc": "2.0", "id": message.id, "result": None})
@@ -448,6 +452,8 @@ class AsyncClient:
                     if isinstance(approved, Awaitable):
                         approved = await approved
                 answer = {"result": t.ApproveToolCallResult(approved=approved is True)}
+            except asyncio.CancelledError:  # the daemon withdrew the question
+                answer = {"error": {"code": -32800, "message": "the daemon withdrew the question"}}
             except Exception as e:
                 answer = {"error": {"code": -32603, "message": f"the approval callback failed: {e!r}"}}
         with contextlib.suppress(TransportError):
@@ -489,6 +495,10 @@ class AsyncClient:
                 message = progress.value.get("message")
                 if on_progress is not None and isinstance(message, str):
                     on_progress(message)
+            elif method == "$/cancelRequest" and isinstance(params, dict):
+                request_id = params.get("id")
+                if isinstance(request_id, int | str) and (withdrawn := self._approvals.get(request_id)):
+                    withdrawn.cancel()
             elif method == "window/logMessage" and self._on_log is not None:
                 self._on_log(msgspec.convert(params, _LogMessageParams).message)
             for listener in list(self._listeners.get(method, ())):

@@ -160,6 +160,117 @@ local function test_cells()
   )
 end
 
+local function test_mcp_servers()
+  local registrations, problems = cells.mcp_servers({
+    time = { command = "uvx", args = { "mcp-server-time" }, env = { TZ = "UTC" }, cwd = "/tmp" },
+    docs = {
+      type = "http",
+      url = "https://example.com/mcp",
+      headers = { Authorization = "Bearer x" },
+      approval = "never",
+    },
+    plain = { command = "mcp-plain", args = {}, env = vim.empty_dict() },
+  })
+  eq(problems, {}, "a valid mcp_servers has no problems")
+  eq(registrations, {
+    {
+      name = "docs",
+      server = { url = "https://example.com/mcp", headers = { Authorization = "Bearer x" } },
+      approval = "never",
+    },
+    { name = "plain", server = { command = "mcp-plain" }, approval = "ask" },
+    {
+      name = "time",
+      server = { command = "uvx", args = { "mcp-server-time" }, env = { TZ = "UTC" }, cwd = "/tmp" },
+      approval = "ask",
+    },
+  }, "servers become registerMcpServer params, by name; empty tables are left out")
+  eq(vim.fn.json_encode(registrations[2].server), '{"command": "mcp-plain"}', "no empty env sent as []")
+  eq({ cells.mcp_servers(nil) }, { {}, {} }, "no mcp_servers, no servers")
+
+  local function problem(entry)
+    local servers, found = cells.mcp_servers({ s = entry })
+    eq(servers, {}, "a malformed entry is not registered: " .. vim.inspect(entry))
+    return found[1]:match('^mcp_servers%["s"%]: (.*); not registered$')
+  end
+  local cases = {
+    { "uvx", 'expected a table with "command" (a server the daemon runs) or "url" (streamable HTTP)' },
+    { {}, 'needs "command" (a server the daemon runs) or "url" (streamable HTTP)' },
+    { { command = "c", url = "https://x" }, '"command" and "url" exclude each other: give one' },
+    { { command = "" }, '"command" must be a non-empty string' },
+    { { command = "c", args = "a b" }, '"args" must be a list of strings' },
+    { { command = "c", args = { 1 } }, '"args" must be a list of strings' },
+    { { command = "c", env = { N = 1 } }, '"env" must be a table of strings by name' },
+    { { command = "c", env = { "A=1" } }, '"env" must be a table of strings by name' },
+    { { command = "c", cwd = 1 }, '"cwd" must be a string' },
+    { { command = "c", headers = { A = "b" } }, '"headers" are for a "url" server' },
+    { { url = "ftp://x" }, '"url" must be an http:// or https:// URL' },
+    { { url = "https://x", args = {} }, '"args", "env" and "cwd" are for a "command" server' },
+    { { url = "https://x", headers = "Bearer x" }, '"headers" must be a table of strings by name' },
+    { { command = "c", approval = "always" }, '"approval" is "ask" or "never", not "always"' },
+    { { command = "c", type = "sse" }, '"type" "sse" is not served: "stdio", or "http" (streamable HTTP)' },
+    { { command = "c", type = "http" }, 'a server of "type" "http" needs "url"' },
+    {
+      { command = "c", disabled = true, timeout = 5 },
+      'unknown "disabled", "timeout": a server has command, args, env, cwd, or url, headers; and type, approval',
+    },
+  }
+  for _, case in ipairs(cases) do
+    eq(problem(case[1]), case[2], "the problem of " .. vim.inspect(case[1]))
+  end
+
+  local names = { "my-server", "2fa", "import", ("x"):rep(65), "café" }
+  local entries = { _ok = { command = "c" }, match = { command = "c" } } -- a soft keyword is a fine name
+  for _, name in ipairs(names) do
+    entries[name] = { command = "c" }
+  end
+  local servers
+  servers, problems = cells.mcp_servers(entries)
+  eq(
+    vim.tbl_map(function(server)
+      return server.name
+    end, servers),
+    { "_ok", "match" },
+    "only Python identifiers of at most 64 characters, no keywords, are names"
+  )
+  eq(
+    problems[4],
+    'mcp_servers["my-server"]: the name must be a Python identifier of at most 64 characters, not a keyword, '
+      .. 'since the sandbox imports the server\'s tools as mcptools.<name>: e.g. "my_server"; not registered',
+    "a refused name's message suggests one"
+  )
+  local suggested = vim.tbl_map(function(message)
+    return message:match('e%.g%. "(%w*_?%w*)"')
+  end, problems)
+  -- by name: "2fa", "café", "import", "my-server", "xxx..."
+  eq(suggested, { "_2fa", "caf_", "_import", "my_server", ("x"):rep(64) }, "the suggested names")
+  eq({ cells.mcp_servers({ { command = "c" } }) }, {
+    {},
+    {
+      "mcp_servers[1]: the name must be a Python identifier of at most 64 characters, not a keyword, since the "
+        .. 'sandbox imports the server\'s tools as mcptools.<name>: e.g. "_1"; not registered',
+    },
+  }, "a list is no table of servers by name")
+  eq(
+    { cells.mcp_servers("time") },
+    { {}, { 'mcp_servers must be a table of servers by name, like an MCP host\'s "mcpServers"' } },
+    "mcp_servers must be a table"
+  )
+
+  local tool = function(name)
+    return { name = name, ["function"] = name, description = "" }
+  end
+  local result =
+    { name = "time", package = "mcptools.time", tools = { tool("get_current_time"), tool("convert_time") } }
+  eq(
+    cells.registered_line(result),
+    "[registered mcptools.time: get_current_time, convert_time]",
+    "a registered server's line names its functions"
+  )
+  result.tools = {}
+  eq(cells.registered_line(result), "[registered mcptools.time: no tools]", "a server without tools")
+end
+
 local OUTPUT = "cellbox://output"
 
 -- The lines by which the plugin reports a failed request or a daemon that went away.
@@ -324,6 +435,18 @@ local function test_session()
   check(has_line(OUTPUT, "False"), "a restarted kernel starts afresh")
 end
 
+-- Stops the daemon and waits for its process to end.
+local function stop_daemon()
+  local client = cellbox_client()
+  if not client then
+    return true
+  end
+  cellbox.stop()
+  return vim.wait(15000, function()
+    return vim.lsp.get_client_by_id(client.id) == nil
+  end, 20)
+end
+
 -- confirm() as the user answers it: `answer` is the button's number, 0 for Esc.
 local prompts = {}
 local answer
@@ -334,40 +457,65 @@ end
 
 local function test_tool_calls()
   local python = vim.fn.split(vim.env.CELLBOX_SERVE or "python3 -m cellboxd serve", " ")[1]
-  local buf = python_buffer("tools.py", {
+  -- the PyPI server `mcp-server-time`, run by the daemon's interpreter
+  local args = { "-m", "mcp_server_time", "--local-timezone", "UTC" }
+  -- The option applies to the next daemon's sandbox.
+  check(stop_daemon(), "the first daemon stopped")
+  cellbox.setup({
+    mcp_servers = {
+      time = { command = python, args = args },
+      clock = { command = python, args = args, approval = "never" },
+      broken = { command = python, args = { "-c", "import sys; sys.exit('no MCP here')" } },
+      ["my-server"] = { command = python },
+    },
+  })
+  python_buffer("tools.py", {
     "# %%",
     "print('tools')",
     "# %%",
     "from mcptools.time.get_current_time import get_current_time",
     "get_current_time(timezone='UTC')",
+    "# %%",
+    "from mcptools.clock.get_current_time import get_current_time",
+    "get_current_time(timezone='UTC')",
   })
   local results = count_lines(OUTPUT, "^<<< ")
+  local warned = #notes
   vim.api.nvim_win_set_cursor(0, { 2, 0 })
-  vim.cmd("CellboxRun") -- binds the buffer, through which the requests below go
+  vim.cmd("CellboxRun")
   results = results + 1
   wait_results(results)
-  local function sync(method, params)
-    local responses = vim.lsp.buf_request_sync(buf, method, params, 30000) or {}
-    local _, response = next(responses)
-    check(response and response.result, method .. " answered: " .. vim.inspect(responses))
-    return response.result
-  end
-  local sandbox_id = sync("cellbox/listSandboxes", vim.empty_dict()).sandboxes[1].sandboxId
-  -- the PyPI server `mcp-server-time`, run by the daemon's interpreter
-  local server = { command = python, args = { "-m", "mcp_server_time", "--local-timezone", "UTC" } }
-  local registration = { sandboxId = sandbox_id, name = "time", server = server, approval = "ask" }
-  check(#sync("cellbox/registerMcpServer", registration).tools > 0, "the time server has tools")
+  check(has_line(OUTPUT, "tools"), "a cell runs in the new daemon's sandbox")
+  check(count_lines(OUTPUT, "^%[registered mcptools%.time: .*get_current_time") == 1, "time is registered")
+  check(count_lines(OUTPUT, "^%[registered mcptools%.clock: .*get_current_time") == 1, "clock is registered")
+  local warnings = vim.tbl_map(function(note)
+    return note.message
+  end, vim.list_slice(notes, warned + 1))
+  eq(#warnings, 2, "two servers are left out: " .. vim.inspect(warnings))
+  eq(
+    warnings[1],
+    'cellbox: mcp_servers["my-server"]: the name must be a Python identifier of at most 64 characters, '
+      .. "not a keyword, since the sandbox imports the server's tools as mcptools.<name>: "
+      .. 'e.g. "my_server"; not registered',
+    "a misnamed server is reported"
+  )
+  local failed =
+    '^cellbox: the MCP server "broken" was not registered: .* %(its output is in cellbox://output%)$'
+  check(warnings[2]:find(failed), "a server that fails is reported: " .. warnings[2])
+  eq(notes[#notes].level, vim.log.levels.WARN, "as a warning")
+  check(has_line(OUTPUT, "no MCP here"), "the failed server's output is in the output buffer")
+  eq(count_lines(OUTPUT, "^%[warning%] "), 2, "the warnings in the output buffer")
 
   local function counts()
     local values = count_lines(OUTPUT, "^{'timezone': 'UTC',$")
     return { #prompts, values, count_lines(OUTPUT, "^ToolCallRejected: ") }
   end
   -- Runs the tool's cell with the option `mode`, the user pressing `button` if asked.
-  local function call_tool(mode, button, asked, approved)
+  local function call_tool(mode, button, asked, approved, row)
     cellbox.setup({ approve_tool_calls = mode })
     answer = button
     local before = counts()
-    vim.api.nvim_win_set_cursor(0, { 4, 0 })
+    vim.api.nvim_win_set_cursor(0, { row or 4, 0 })
     vim.cmd("CellboxRun")
     results = results + 1
     wait_results(results)
@@ -392,22 +540,12 @@ local function test_tool_calls()
   call_tool("always", 0, false, true)
   call_tool("ask", 2, true, true) -- Allow in this sandbox
   call_tool("ask", 0, false, true) -- allowed already
-end
-
--- Stops the daemon and waits for its process to end.
-local function stop_daemon()
-  local client = cellbox_client()
-  if not client then
-    return true
-  end
-  cellbox.stop()
-  return vim.wait(15000, function()
-    return vim.lsp.get_client_by_id(client.id) == nil
-  end, 20)
+  call_tool("never", 0, false, true, 7) -- clock, registered with approval "never", is not asked about
 end
 
 local ok, failure = xpcall(function()
   test_cells()
+  test_mcp_servers()
   test_session()
   test_tool_calls()
 end, function(err)

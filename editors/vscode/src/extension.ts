@@ -6,6 +6,7 @@ import * as vscode from 'vscode';
 import { LanguageClient, State } from 'vscode-languageclient/node';
 import { APPROVAL_CHOICES, DENY, ToolCallApprover, type ApprovalChoice, type ApprovalMode } from './approval';
 import { cellAt, findCells } from './cells';
+import { registeredText } from './mcpServers';
 import {
   backendChoices,
   cellLabel,
@@ -49,6 +50,7 @@ export function activate(context: vscode.ExtensionContext): void {
     backend: config().get<Backend>('backend'),
     image: config().get<string>('image') || undefined,
     timeout: config().get<number>('timeout'),
+    mcpServers: config().get<unknown>('mcpServers'),
   }));
   let kernelState: KernelState | undefined;
   const showStatus = (state: KernelState | undefined): void => {
@@ -60,6 +62,17 @@ export function activate(context: vscode.ExtensionContext): void {
       : undefined;
   };
   session.onKernelStatus(showStatus);
+  // A server left out does not stop the session: the cells that do not call it run as before.
+  session.onMcpServer((event) => {
+    if (event.kind === 'registered') {
+      output.appendLine(registeredText(event.result));
+      return;
+    }
+    output.appendLine(`[warning] ${event.message}`);
+    if (event.log) output.append(event.log.endsWith('\n') ? event.log : `${event.log}\n`);
+    const where = event.log ? ' (its output is in the cellbox Output channel)' : '';
+    void vscode.window.showWarningMessage(`cellbox: ${event.message}${where}`);
+  });
 
   // Modal: the cell waits for the answer, and a permission should not be given in passing.
   const approver = new ToolCallApprover(
@@ -251,7 +264,9 @@ export function activate(context: vscode.ExtensionContext): void {
     ),
     vscode.languages.registerCodeLensProvider({ language: 'python' }, { provideCodeLenses: runCellLenses }),
     vscode.workspace.onDidChangeConfiguration((event) => {
-      if (event.affectsConfiguration('cellbox.backend') || event.affectsConfiguration('cellbox.image')) {
+      // A new sandbox at the next run, made and registered from the settings then.
+      const sandboxSettings = ['cellbox.backend', 'cellbox.image', 'cellbox.mcpServers'];
+      if (sandboxSettings.some((name) => event.affectsConfiguration(name))) {
         generation++;
         showStatus(undefined);
         session.reset().catch(showError);

@@ -151,15 +151,24 @@ export interface ListImagesResult {
 
 /** How the daemon reaches an MCP server: a command it runs (stdio) or a URL (streamable HTTP). */
 export type McpServerSpec =
-  | { command: string; args?: string[]; env?: Record<string, string> }
+  | { command: string; args?: string[]; env?: Record<string, string>; cwd?: string }
   | { url: string; headers?: Record<string, string> };
+
+/** Whether the daemon asks its client (`cellbox/approveToolCall`) before each call of the server's tools. */
+export type McpApproval = 'ask' | 'never';
 
 export interface RegisterMcpServerParams {
   sandboxId: string;
   /** A Python identifier: the sandbox imports the tools as `mcptools.<name>`. */
   name: string;
   server: McpServerSpec;
-  approval?: 'ask' | 'never';
+  approval?: McpApproval;
+}
+
+export interface RegisterMcpServerResult {
+  name: string;
+  package: string;
+  tools: { name: string; function: string; description: string }[];
 }
 
 /** The daemon asks before a cell calls a tool of a server registered with `approval: "ask"`. */

@@ -1,10 +1,12 @@
-// One editor's use of the daemon: a sandbox and a kernel made on first use, executions whose
-// streamed output is routed by executionId, installs and builds with work-done progress.
+// One editor's use of the daemon: a sandbox and a kernel made on first use (with the configured
+// MCP servers registered in the sandbox), executions whose streamed output is routed by
+// executionId, installs and builds with work-done progress.
 // It talks through `Connection`, which both vscode-languageclient's LanguageClient and
 // vscode-jsonrpc's MessageConnection satisfy, so it is tested against the real daemon without VS Code.
 
 import { CancellationTokenSource, ProgressType, ResponseError } from 'vscode-jsonrpc';
 import type { CancellationToken } from 'vscode-jsonrpc';
+import { mcpServersOf, registrationProblem, type McpServerEvent } from './mcpServers';
 import {
   Methods,
   Notifications,
@@ -25,6 +27,8 @@ import {
   type ListImagesResult,
   type OutputNotification,
   type ProgressToken,
+  type RegisterMcpServerParams,
+  type RegisterMcpServerResult,
   type StartKernelResult,
   type WorkDoneProgress,
 } from './protocol';
@@ -46,6 +50,8 @@ export interface SessionSettings {
   image?: string;
   /** Seconds an execution may run. */
   timeout?: number;
+  /** The `cellbox.mcpServers` setting as the user wrote it: checked, and registered, in each new sandbox. */
+  mcpServers?: unknown;
 }
 
 export interface ExecuteHandlers {
@@ -81,6 +87,7 @@ export class Session implements Disposable {
   private ready?: KernelHandle;
   private readonly running = new Map<string, { handlers: ExecuteHandlers; cancel: CancellationTokenSource }>();
   private readonly statusListeners = new Set<(state: KernelState) => void>();
+  private readonly mcpListeners = new Set<(event: McpServerEvent) => void>();
   private readonly bound = new Set<string>();
   private readonly subscriptions: Disposable[];
   private epoch = 0;
@@ -116,6 +123,12 @@ export class Session implements Disposable {
     return { dispose: () => this.statusListeners.delete(listener) };
   }
 
+  /** Hears, for each new sandbox, which configured MCP servers were registered and which were not. */
+  onMcpServer(listener: (event: McpServerEvent) => void): Disposable {
+    this.mcpListeners.add(listener);
+    return { dispose: () => this.mcpListeners.delete(listener) };
+  }
+
   /** The kernel, made with its sandbox on first call; `onProgress` hears how the sandbox is made. */
   start(onProgress?: ProgressListener): Promise<KernelHandle> {
     if (!this.kernel) {
@@ -136,19 +149,38 @@ export class Session implements Disposable {
   }
 
   private async createKernel(onProgress?: ProgressListener): Promise<KernelHandle> {
-    const { backend, image } = this.settings();
+    const { backend, image, mcpServers } = this.settings();
     const params: CreateSandboxParams = { backend, image: backend === 'docker' ? image : undefined };
     const sandbox = await this.withWorkDone<CreateSandboxResult>(Methods.createSandbox, params, onProgress);
-    try {
-      const { kernelId } = await this.connection.sendRequest<StartKernelResult>(Methods.startKernel, {
-        sandboxId: sandbox.sandboxId,
-      });
-      return { sandbox, kernelId };
-    } catch (error) {
-      // The next start makes a new sandbox: this one would idle until the daemon exits.
-      await this.connection.sendRequest(Methods.destroySandbox, { sandboxId: sandbox.sandboxId }).catch(() => undefined);
-      throw error;
-    }
+    // The servers start while the kernel does; both are done before the first cell runs.
+    const [kernel] = await Promise.allSettled([
+      this.connection.sendRequest<StartKernelResult>(Methods.startKernel, { sandboxId: sandbox.sandboxId }),
+      this.registerMcpServers(sandbox.sandboxId, mcpServers),
+    ]);
+    if (kernel.status === 'fulfilled') return { sandbox, kernelId: kernel.value.kernelId };
+    // The next start makes a new sandbox: this one would idle until the daemon exits.
+    await this.connection.sendRequest(Methods.destroySandbox, { sandboxId: sandbox.sandboxId }).catch(() => undefined);
+    throw kernel.reason;
+  }
+
+  /** Registers the setting's servers; one that is misconfigured or fails is reported and left out. */
+  private async registerMcpServers(sandboxId: string, setting: unknown): Promise<void> {
+    const emit = (event: McpServerEvent): void => {
+      for (const listener of this.mcpListeners) listener(event);
+    };
+    const { servers, problems } = mcpServersOf(setting);
+    for (const message of problems) emit({ kind: 'problem', message });
+    await Promise.all(
+      servers.map(async (server) => {
+        const params: RegisterMcpServerParams = { sandboxId, ...server };
+        try {
+          const result = await this.connection.sendRequest<RegisterMcpServerResult>(Methods.registerMcpServer, params);
+          emit({ kind: 'registered', result });
+        } catch (error) {
+          emit(registrationProblem(server.name, error));
+        }
+      }),
+    );
   }
 
   /**
@@ -235,6 +267,7 @@ export class Session implements Disposable {
   dispose(): void {
     for (const subscription of this.subscriptions) subscription.dispose();
     this.statusListeners.clear();
+    this.mcpListeners.clear();
   }
 
   private async withWorkDone<R>(method: string, params: object, onProgress?: ProgressListener): Promise<R> {

@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import { ALLOW, ToolCallApprover, type ApprovalChoice, type ApprovalPrompt } from '../src/approval';
 import { findCells } from '../src/cells';
+import type { McpServerEvent } from '../src/mcpServers';
 import { cellLabel, imagesHtml, Transcript, type ImageView } from '../src/messages';
 import {
   ClientRequests,
@@ -15,7 +16,6 @@ import {
   type ApproveToolCallParams,
   type DisplayNotification,
   type OutputNotification,
-  type RegisterMcpServerParams,
   type WorkDoneProgress,
   type WriteFileParams,
 } from '../src/protocol';
@@ -23,6 +23,9 @@ import { cellboxCapabilities, Session } from '../src/session';
 import { PYTHON, withDaemon } from './daemon';
 
 const TIMEOUT = { timeout: 180_000 };
+// the PyPI server `mcp-server-time`, run by the daemon's own interpreter
+const TIME_SERVER = { command: PYTHON, args: ['-m', 'mcp_server_time', '--local-timezone', 'UTC'] };
+const TIME_CALL = 'from mcptools.time.get_current_time import get_current_time\nget_current_time(timezone="UTC")';
 const PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==';
 
 interface CompletionItem {
@@ -241,8 +244,7 @@ test('completion and hover of a name an earlier cell defined, in a bound documen
 
 test('a cell calls an MCP tool once the user allows it; dismissed, the cell raises ToolCallRejected', TIMEOUT, () =>
   withDaemon(async ({ connection }) => {
-    const session = new Session(connection, () => ({ backend: 'local', timeout: 60 }));
-    const { sandbox, kernelId } = await session.start();
+    const session = new Session(connection, () => ({ backend: 'local', timeout: 60, mcpServers: { time: TIME_SERVER } }));
     const answers: (ApprovalChoice | undefined)[] = [ALLOW, undefined];
     const prompts: ApprovalPrompt[] = [];
     const requests: ApproveToolCallParams[] = [];
@@ -258,24 +260,11 @@ test('a cell calls an MCP tool once the user allows it; dismissed, the cell rais
       requests.push(params);
       return approver.approve(params);
     });
-    // the PyPI server `mcp-server-time`, run by the daemon's own interpreter
-    const registration: RegisterMcpServerParams = {
-      sandboxId: sandbox.sandboxId,
-      name: 'time',
-      server: { command: PYTHON, args: ['-m', 'mcp_server_time', '--local-timezone', 'UTC'] },
-      approval: 'ask',
-    };
-    const { tools } = await connection.sendRequest<{ tools: { function: string }[] }>(
-      Methods.registerMcpServer,
-      registration,
-    );
-    assert.ok(tools.some((tool) => tool.function === 'get_current_time'), JSON.stringify(tools));
-
-    const code = 'from mcptools.time.get_current_time import get_current_time\nget_current_time(timezone="UTC")';
-    const allowed = await session.execute(code);
+    const { sandbox, kernelId } = await session.start();
+    const allowed = await session.execute(TIME_CALL);
     assert.equal(allowed.status, 'ok', JSON.stringify(allowed.error));
     assert.match(allowed.text, /^\{'timezone': 'UTC',\s+'datetime': '\d{4}-/);
-    const dismissed = await session.execute(code);
+    const dismissed = await session.execute(TIME_CALL);
     assert.equal(dismissed.status, 'error');
     assert.equal(dismissed.error?.ename, 'ToolCallRejected', JSON.stringify(dismissed.error));
 
@@ -286,5 +275,39 @@ test('a cell calls an MCP tool once the user allows it; dismissed, the cell rais
     assert.equal(prompts.length, 2);
     assert.match(prompts[0].message, /"get_current_time" of the MCP server "time"/);
     assert.equal(prompts[0].detail, 'Arguments:\n{\n  "timezone": "UTC"\n}');
+  }),
+);
+
+test('cellbox.mcpServers: each new sandbox registers them; a broken or misnamed one is reported, the rest work', TIMEOUT, () =>
+  withDaemon(async ({ connection }) => {
+    const mcpServers = {
+      time: { ...TIME_SERVER, approval: 'never' },
+      broken: { command: PYTHON, args: ['-c', 'import sys; sys.exit("no MCP here")'] },
+      'my-server': { command: PYTHON },
+    };
+    const session = new Session(connection, () => ({ backend: 'local', timeout: 60, mcpServers }));
+    const events: McpServerEvent[] = [];
+    session.onMcpServer((event) => events.push(event));
+    // no approveToolCall handler: a call that asked would be refused
+    const check = async (): Promise<void> => {
+      const result = await session.execute(TIME_CALL);
+      assert.equal(result.status, 'ok', JSON.stringify(result.error));
+      assert.match(result.text, /^\{'timezone': 'UTC',\s+'datetime': '\d{4}-/);
+      const registered = events.flatMap((e) => (e.kind === 'registered' ? [e.result] : []));
+      assert.deepEqual(registered.map((r) => r.package), ['mcptools.time']);
+      assert.ok(registered[0].tools.some((tool) => tool.function === 'get_current_time'), JSON.stringify(registered));
+      const problems = events.flatMap((e) => (e.kind === 'problem' ? [e] : []));
+      assert.equal(problems.length, 2, JSON.stringify(problems));
+      assert.match(problems[0].message, /^cellbox\.mcpServers\["my-server"\]: the name must be .* "my_server"; not registered$/);
+      assert.match(problems[1].message, /^the MCP server "broken" was not registered: /);
+      assert.match(problems[1].log ?? '', /no MCP here/);
+    };
+    await check();
+    // as on a change of backend: a new sandbox, registered afresh
+    const first = session.current?.sandbox.sandboxId;
+    await session.reset();
+    events.length = 0;
+    await check();
+    assert.notEqual(session.current?.sandbox.sandboxId, first);
   }),
 );

@@ -34,6 +34,7 @@ test('settings read by the extension are declared, with the documented defaults'
   const approve = declared['cellbox.approveToolCalls'];
   assert.deepEqual([approve.default, approve.enum, approve.scope], ['ask', ['ask', 'always', 'never'], 'machine']);
   assert.equal(declared['cellbox.command'].scope, 'machine');
+  assert.deepEqual([declared['cellbox.mcpServers'].default, declared['cellbox.mcpServers'].scope], [{}, 'machine']);
 });
 
 test('the bundle is the entry point, for the VS Code the types describe', () => {

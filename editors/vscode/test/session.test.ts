@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { test } from 'node:test';
 import { ResponseError, type CancellationToken, type ProgressType } from 'vscode-jsonrpc';
+import type { McpServerEvent } from '../src/mcpServers';
 import type { ExecuteResult, ProgressToken, WorkDoneProgress } from '../src/protocol';
 import { Session, cellboxCapabilities, type Connection, type Disposable } from '../src/session';
 
@@ -267,6 +268,76 @@ test('kernel status of this session only; bind once per kernel; reset destroys t
     connection.sent.map((r) => r.method).filter((m) => m !== 'cellbox/createSandbox' && m !== 'cellbox/startKernel'),
     ['cellbox/bindDocument', 'cellbox/destroySandbox', 'cellbox/bindDocument'],
   );
+});
+
+test('each new sandbox gets the configured MCP servers before the first cell; one left out is reported', async () => {
+  const connection = new FakeConnection(async (method, params, token) => {
+    if (method !== 'cellbox/registerMcpServer') return daemonLike()(method, params, token);
+    if (params.name === 'broken') throw new ResponseError(1011, "MCP server 'broken' exited", { log: 'no MCP here\n' });
+    return { name: params.name, package: `mcptools.${String(params.name)}`, tools: [] };
+  });
+  const mcpServers = {
+    time: { command: 'python3', args: ['-m', 'mcp_server_time'] },
+    'bad-name': { command: 'c' },
+    broken: { command: 'false' },
+    docs: { url: 'https://example.com/mcp', approval: 'never' },
+  };
+  const session = new Session(connection, () => ({ mcpServers }));
+  const events: McpServerEvent[] = [];
+  session.onMcpServer((event) => events.push(event));
+  await session.execute('1');
+  const registrations = () => connection.sent.filter((r) => r.method === 'cellbox/registerMcpServer');
+  assert.deepEqual(
+    registrations().map((r) => r.params),
+    [
+      { sandboxId: 'sb-1', name: 'time', server: mcpServers.time, approval: 'ask' },
+      { sandboxId: 'sb-1', name: 'broken', server: { command: 'false' }, approval: 'ask' },
+      { sandboxId: 'sb-1', name: 'docs', server: { url: 'https://example.com/mcp' }, approval: 'never' },
+    ],
+  );
+  assert.deepEqual(
+    connection.sent.map((r) => r.method).filter((m) => m !== 'cellbox/registerMcpServer'),
+    ['cellbox/createSandbox', 'cellbox/startKernel', 'cellbox/execute'],
+  );
+  assert.deepEqual(
+    events.map((e) => (e.kind === 'registered' ? e.result.package : [e.message.split(':')[0], e.log])),
+    [
+      ['cellbox.mcpServers["bad-name"]', undefined],
+      'mcptools.time',
+      ['the MCP server "broken" was not registered', 'no MCP here\n'],
+      'mcptools.docs',
+    ],
+  );
+
+  // A new sandbox, after a reset, gets them again.
+  await session.reset();
+  await session.start();
+  assert.deepEqual(
+    registrations()
+      .slice(3)
+      .map((r) => r.params.name),
+    ['time', 'broken', 'docs'],
+  );
+});
+
+test('a sandbox whose kernel did not start is destroyed once its MCP servers answered', async () => {
+  let release: () => void = () => undefined;
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  const connection = new FakeConnection(async (method, params, token) => {
+    if (method === 'cellbox/startKernel') throw new ResponseError(1003, 'no kernel for you');
+    if (method === 'cellbox/registerMcpServer') {
+      await gate;
+      return { name: params.name, package: 'mcptools.time', tools: [] };
+    }
+    return daemonLike()(method, params, token);
+  });
+  const starting = new Session(connection, () => ({ mcpServers: { time: { command: 'c' } } })).start();
+  await new Promise((r) => setImmediate(r));
+  // the kernel failed at once; its sandbox waits for the server's answer
+  assert.equal(connection.sent.at(-1)?.method, 'cellbox/registerMcpServer');
+  release();
+  await assert.rejects(starting, /no kernel for you/);
+  assert.deepEqual(connection.sent.at(-1), { method: 'cellbox/destroySandbox', params: { sandboxId: 'sb-1' } });
 });
 
 test('cellboxCapabilities reads capabilities.experimental.cellbox', () => {

@@ -11,6 +11,7 @@ local config = {
   image = nil,
   timeout = 120,
   approve_tool_calls = "ask", -- or "always", "never"
+  mcp_servers = {}, -- name -> { command, args, env, cwd } or { url, headers }, with `approval`
 }
 
 -- One daemon, one sandbox and one kernel per Neovim session, shared by every buffer.
@@ -135,19 +136,31 @@ local function show_output()
   vim.api.nvim_set_current_win(win)
 end
 
-local function report(message, extra_lines)
-  vim.notify("cellbox: " .. message, vim.log.levels.ERROR)
-  local lines = cells.feed(nil, "[error] " .. message)
+-- Notifies `message` and writes it to the output, tagged, with `extra_lines` after it.
+local function tell(level, tag, message, extra_lines)
+  vim.notify("cellbox: " .. message, level)
+  local lines = cells.feed(nil, tag .. message)
   vim.list_extend(lines, extra_lines or {})
   append_lines(lines)
 end
 
-local function report_error(method, err)
-  local log -- InstallFailed carries the installer's log
+local function report(message, extra_lines)
+  tell(vim.log.levels.ERROR, "[error] ", message, extra_lines)
+end
+
+local function warn(message, extra_lines)
+  tell(vim.log.levels.WARN, "[warning] ", message, extra_lines)
+end
+
+-- The lines of the log that InstallFailed (the installer's) or McpServerFailed (the server's) carries.
+local function log_lines(err)
   if type(err.data) == "table" and type(err.data.log) == "string" then
-    log = cells.feed(nil, err.data.log)
+    return (cells.feed(nil, err.data.log))
   end
-  report(string.format("%s failed: %s", method, err.message), log)
+end
+
+local function report_error(method, err)
+  report(string.format("%s failed: %s", method, err.message), log_lines(err))
 end
 
 -- The daemon -------------------------------------------------------------------------------
@@ -255,7 +268,45 @@ local function request(method, params, on_result, on_error)
   end)
 end
 
--- Calls `fn()` once the session's kernel runs, creating the sandbox and starting it on first use.
+-- Registers the servers of the `mcp_servers` option in a new sandbox, then calls `done()`. A
+-- malformed entry, or a server that fails to start or to be reached, is reported and left out:
+-- the session goes on without it.
+local function register_mcp_servers(sandbox_id, done)
+  local servers, problems = cells.mcp_servers(config.mcp_servers)
+  for _, problem in ipairs(problems) do
+    warn(problem)
+  end
+  local pending = #servers
+  if pending == 0 then
+    return done()
+  end
+  local function answered()
+    pending = pending - 1
+    if pending == 0 then
+      done()
+    end
+  end
+  for _, server in ipairs(servers) do
+    local params =
+      { sandboxId = sandbox_id, name = server.name, server = server.server, approval = server.approval }
+    request("cellbox/registerMcpServer", params, function(result)
+      append_lines({ cells.registered_line(result) })
+      answered()
+    end, function(_, err)
+      local log = log_lines(err)
+      local message = string.format(
+        "the MCP server %s was not registered: %s",
+        vim.fn.json_encode(server.name),
+        err.message
+      )
+      warn(message .. (log and " (its output is in cellbox://output)" or ""), log)
+      answered()
+    end)
+  end
+end
+
+-- Calls `fn()` once the session's kernel runs, creating the sandbox (with the `mcp_servers`
+-- registered in it) and starting it on first use.
 local function with_kernel(fn)
   if state.kernel_id then
     return fn()
@@ -287,7 +338,7 @@ local function with_kernel(fn)
   params.backend, params.image = config.backend, config.image
   request("cellbox/createSandbox", params, function(sandbox)
     state.sandbox = sandbox
-    start_kernel()
+    register_mcp_servers(sandbox.sandboxId, start_kernel)
   end, give_up)
 end
 
