@@ -144,19 +144,49 @@ local function test_cells()
   eq(
     cells.approval_message(call),
     'cellbox: allow a cell to call the tool "get_current_time" of the MCP server "time"?\n'
-      .. 'Arguments: {"timezone": "UTC"}',
+      .. 'Arguments:\n  "timezone": "UTC"',
     "a tool call's prompt names the tool, its server and the arguments"
   )
   eq(
     cells.approval_message({ server = "s", tool = "t\nAllowed", arguments = vim.empty_dict() }),
-    'cellbox: allow a cell to call the tool "t\\nAllowed" of the MCP server "s"?\nArguments: {}',
-    "names are quoted, no arguments are {}"
+    'cellbox: allow a cell to call the tool "t\\nAllowed" of the MCP server "s"?\nArguments:\n(no arguments)',
+    "names are quoted, no arguments say so"
+  )
+  eq(cells.arguments_text(nil), "(no arguments)", "absent arguments are none")
+  eq(
+    cells.arguments_text({ b = { c = vim.NIL }, a = { 1, 2 }, ['x\n  "y'] = 1 }),
+    '  "a": [1, 2]\n  "b": {"c": null}\n  "x\\n  \\"y": 1',
+    "every key a line, by name, JSON-quoted so that a newline in one cannot fake a line"
   )
   eq(
-    cells.approval_message({ server = "s", tool = "t", arguments = { text = "é" .. ("x"):rep(20) } }, 12),
+    cells.approval_message({ server = "s", tool = "t", arguments = { text = "é" .. ("x"):rep(60) } }, 12),
     'cellbox: allow a cell to call the tool "t" of the MCP server "s"?\n'
-      .. 'Arguments: {"text": "éx… (21 more characters)',
-    "long arguments are cut by characters"
+      .. 'Arguments:\n  "text": "é'
+      .. ("x"):rep(38)
+      .. "... (63 characters in all)",
+    "a long value is cut by characters, to at least 40"
+  )
+  local padded = cells.approval_message({
+    server = "s",
+    tool = "t",
+    arguments = { pad = ("x"):rep(2000), cmd = "rm -rf ~" },
+  })
+  eq(vim.split(padded, "\n"), {
+    'cellbox: allow a cell to call the tool "t" of the MCP server "s"?',
+    "Arguments:",
+    '  "cmd": "rm -rf ~"',
+    '  "pad": "' .. ("x"):rep(249) .. "... (2002 characters in all)",
+  }, "padding cannot push a key out of sight: each gets its share of the limit")
+  local many = {}
+  for i = 1, 100 do
+    many[string.format("k%03d", i)] = ("y"):rep(50)
+  end
+  local lines = vim.split(cells.arguments_text(many), "\n")
+  eq(#lines, 100, "every key is shown, however many")
+  eq(
+    lines[100],
+    '  "k100": "' .. ("y"):rep(39) .. "... (52 characters in all)",
+    "each value gets at least 40"
   )
 end
 
@@ -529,7 +559,7 @@ local function test_tool_calls()
   call_tool("ask", 1, true, true) -- Allow
   eq(prompts[1], {
     message = 'cellbox: allow a cell to call the tool "get_current_time" of the MCP server "time"?\n'
-      .. 'Arguments: {"timezone": "UTC"}',
+      .. 'Arguments:\n  "timezone": "UTC"',
     choices = "&Allow\nAllow in this &sandbox\n&Deny",
     default = 3,
     kind = "Warning",

@@ -22,19 +22,29 @@ export interface ApprovalPrompt {
 export type AskUser = (prompt: ApprovalPrompt) => PromiseLike<ApprovalChoice | undefined>;
 
 const MAX_ARGUMENT_CHARS = 1500;
-const MAX_ARGUMENT_LINES = 30;
+const MIN_VALUE_CHARS = 40;
 
-/** The arguments as pretty-printed JSON, cut to a size a dialog shows whole. */
-export function argumentsText(
-  args: Record<string, unknown>,
-  maxChars = MAX_ARGUMENT_CHARS,
-  maxLines = MAX_ARGUMENT_LINES,
-): string {
-  const full = JSON.stringify(args, null, 2);
-  let shown = full.split('\n').slice(0, maxLines).join('\n').slice(0, maxChars);
-  // Not half of a surrogate pair.
-  if (/[\uD800-\uDBFF]$/.test(shown)) shown = shown.slice(0, -1);
-  return shown.length < full.length ? `${shown}\n… (${full.length - shown.length} more characters)` : full;
+/**
+ * The arguments, one key a line as `  "key": <value's JSON>`: every key, each value cut to its
+ * share of `maxChars` (at least 40 characters), never inside a character. The sandbox chose
+ * them, and must not hide a key behind another's long value. Keys are JSON-quoted: a key's
+ * newline cannot fake another line.
+ */
+export function argumentsText(args: Record<string, unknown>, maxChars = MAX_ARGUMENT_CHARS): string {
+  const keys = Object.keys(args);
+  if (keys.length === 0) return '(no arguments)';
+  const share = Math.max(MIN_VALUE_CHARS, Math.floor(maxChars / keys.length));
+  return keys
+    .map((key) => {
+      // By code point: a cut never splits a surrogate pair, and counts characters as the daemon does.
+      const text = Array.from(JSON.stringify(args[key]) ?? 'null');
+      const shown =
+        text.length > share
+          ? `${text.slice(0, share).join('')}... (${text.length} characters in all)`
+          : text.join('');
+      return `  ${JSON.stringify(key)}: ${shown}`;
+    })
+    .join('\n');
 }
 
 export function approvalPrompt(params: ApproveToolCallParams): ApprovalPrompt {

@@ -47,7 +47,7 @@ test('ask: Allow approves, Deny and a dismissed prompt refuse', async () => {
   assert.equal(prompts.length, 3);
   assert.deepEqual(prompts[0], {
     message: 'cellbox: allow a cell to call the tool "get_current_time" of the MCP server "time"?',
-    detail: 'Arguments:\n{\n  "timezone": "UTC"\n}',
+    detail: 'Arguments:\n  "timezone": "UTC"',
   });
   assert.deepEqual(APPROVAL_CHOICES, [ALLOW, ALLOW_IN_SANDBOX, DENY]);
 });
@@ -67,22 +67,30 @@ test('always and never answer without asking', async () => {
   assert.deepEqual(await scripted('never').approver.approve(call), { approved: false });
 });
 
-test('argumentsText: pretty JSON, cut by characters or lines, never inside a character', () => {
-  assert.equal(argumentsText({}), '{}');
-  assert.equal(argumentsText({ a: [1, 2] }), '{\n  "a": [\n    1,\n    2\n  ]\n}');
+test('argumentsText: every key on a line of its own, each value cut to its share, never inside a character', () => {
+  assert.equal(argumentsText({}), '(no arguments)');
+  assert.equal(argumentsText({ a: [1, 2], b: { c: null } }), '  "a": [1,2]\n  "b": {"c":null}');
+  // A key is JSON-quoted: its newline cannot fake a line of its own.
+  assert.equal(argumentsText({ 'x\n  "y': 1 }), '  "x\\n  \\"y": 1');
+
   const long = argumentsText({ text: 'x'.repeat(5000) });
-  assert.ok(long.startsWith('{\n  "text": "xxx'));
-  assert.match(long, /x\n… \(3516 more characters\)$/);
-  assert.equal(long.split('\n').length, 3);
+  assert.equal(long, `  "text": "${'x'.repeat(1499)}... (5002 characters in all)`);
 
-  const many = Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, i]));
-  const cut = argumentsText(many, 10_000, 5).split('\n');
-  assert.deepEqual(cut.slice(0, 5), ['{', '  "k0": 0,', '  "k1": 1,', '  "k2": 2,', '  "k3": 3,']);
-  assert.match(cut[5], /^… \(\d+ more characters\)$/);
-  assert.equal(cut.length, 6);
+  // Padding cannot push a key out of sight: each of the two gets half of the limit.
+  const padded = argumentsText({ pad: 'x'.repeat(2000), cmd: 'rm -rf ~' }).split('\n');
+  assert.deepEqual(padded, [`  "pad": "${'x'.repeat(749)}... (2002 characters in all)`, '  "cmd": "rm -rf ~"']);
+  const detail = approvalPrompt({ ...call, arguments: { pad: 'x'.repeat(2000), cmd: 'rm -rf ~' } }).detail;
+  assert.ok(detail.endsWith('\n  "cmd": "rm -rf ~"'), detail);
 
-  // The 11th character is the first half of the first emoji.
-  assert.equal(argumentsText({ e: '😀😀' }, 11), '{\n  "e": "\n… (7 more characters)');
+  // Every key, however many: each value gets at least 40 characters.
+  const many = Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, `${i}`.repeat(50)]));
+  const lines = argumentsText(many, 1000).split('\n');
+  assert.equal(lines.length, 100);
+  assert.equal(lines[99], `  "k99": "${'99'.repeat(19)}9... (102 characters in all)`);
+
+  // The 42nd character is an emoji: cut by characters, not by UTF-16 code units.
+  const emoji = argumentsText({ e: `${'a'.repeat(40)}😀😀` }, 42);
+  assert.equal(emoji, `  "e": "${'a'.repeat(40)}😀... (44 characters in all)`);
 });
 
 test('approvalPrompt quotes a name that would break the message', () => {

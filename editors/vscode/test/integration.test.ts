@@ -274,7 +274,7 @@ test('a cell calls an MCP tool once the user allows it; dismissed, the cell rais
     );
     assert.equal(prompts.length, 2);
     assert.match(prompts[0].message, /"get_current_time" of the MCP server "time"/);
-    assert.equal(prompts[0].detail, 'Arguments:\n{\n  "timezone": "UTC"\n}');
+    assert.equal(prompts[0].detail, 'Arguments:\n  "timezone": "UTC"');
   }),
 );
 

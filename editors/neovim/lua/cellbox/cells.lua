@@ -113,26 +113,43 @@ function M.result_lines(result)
 end
 
 local MAX_ARGUMENT_CHARS = 500
+local MIN_VALUE_CHARS = 40
+
+--- A tool call's arguments, one key a line as `  "key": <value's JSON>`: every key, by name, each
+--- value cut to its share of `max_chars` (at least 40 characters, not bytes). The sandbox chose
+--- them, and must not hide a key behind another's long value. Keys are JSON-quoted: a key's
+--- newline cannot fake another line.
+function M.arguments_text(arguments, max_chars)
+  max_chars = max_chars or MAX_ARGUMENT_CHARS
+  if type(arguments) ~= "table" or next(arguments) == nil then
+    return "(no arguments)"
+  end
+  local keys = vim.tbl_keys(arguments)
+  table.sort(keys, function(a, b)
+    return tostring(a) < tostring(b)
+  end)
+  local share = math.max(MIN_VALUE_CHARS, math.floor(max_chars / #keys))
+  local lines = {}
+  for _, key in ipairs(keys) do
+    local text = vim.fn.json_encode(arguments[key])
+    local length = vim.fn.strchars(text)
+    if length > share then
+      text = string.format("%s... (%d characters in all)", vim.fn.strcharpart(text, 0, share), length)
+    end
+    lines[#lines + 1] = string.format("  %s: %s", vim.fn.json_encode(tostring(key)), text)
+  end
+  return table.concat(lines, "\n")
+end
 
 --- The question of a `cellbox/approveToolCall` request: the tool, its server and the arguments
---- (JSON, cut after `max_chars` characters). Names are JSON-quoted: a tool's name comes from
---- the server, and cannot break the prompt's lines so.
+--- (`arguments_text`). Names are JSON-quoted: a tool's name comes from the server, and cannot
+--- break the prompt's lines so.
 function M.approval_message(params, max_chars)
-  max_chars = max_chars or MAX_ARGUMENT_CHARS
-  local arguments = vim.fn.json_encode(params.arguments)
-  local length = vim.fn.strchars(arguments)
-  if length > max_chars then
-    arguments = string.format(
-      "%s… (%d more characters)",
-      vim.fn.strcharpart(arguments, 0, max_chars),
-      length - max_chars
-    )
-  end
   return string.format(
-    "cellbox: allow a cell to call the tool %s of the MCP server %s?\nArguments: %s",
+    "cellbox: allow a cell to call the tool %s of the MCP server %s?\nArguments:\n%s",
     vim.fn.json_encode(params.tool),
     vim.fn.json_encode(params.server),
-    arguments
+    M.arguments_text(params.arguments, max_chars)
   )
 end
 
