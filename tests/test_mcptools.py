@@ -256,6 +256,7 @@ def test_hostile_names_make_importable_modules_that_call_the_right_tools(
     assert lines[0] == str(
         [
             "die",
+            "die_soon",
             "echo",
             "fail",
             "hang",
@@ -295,6 +296,14 @@ def test_a_server_that_dies_fails_that_call_and_is_started_again_for_the_next(ke
     assert result.error is not None and result.error.ename == "ToolError"
     assert (
         kernel.execute("from mcptools.h.echo import echo\necho(text='back')").text == "{'echoed': 'back'}\n"
+    )
+
+
+def test_a_server_that_ends_between_calls_is_started_again_for_the_next(kernel) -> None:
+    code = "from mcptools.h.die_soon import die_soon\ndie_soon()\nimport time\ntime.sleep(1)"
+    assert kernel.execute(code).status == "ok"
+    assert (
+        kernel.execute("from mcptools.h.echo import echo\necho(text='again')").text == "{'echoed': 'again'}\n"
     )
 
 

@@ -65,6 +65,11 @@ TOOLS = [
     types.Tool(name="fail", description="Always fails.", input_schema={"type": "object"}),
     types.Tool(name="die", description="Ends the server's process.", input_schema={"type": "object"}),
     types.Tool(
+        name="die_soon",
+        description="Ends the server's process after answering.",
+        input_schema={"type": "object"},
+    ),
+    types.Tool(
         name="secret", description="Returns the server's HOSTILE_SECRET.", input_schema={"type": "object"}
     ),
 ]
@@ -104,6 +109,9 @@ async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.Call
         )
     if params.name == "die":
         os._exit(3)
+    if params.name == "die_soon":
+        asyncio.get_running_loop().call_later(0.2, os._exit, 3)
+        return _text("dying")
     if params.name == "secret":
         return _text(os.environ.get("HOSTILE_SECRET", ""))
     return types.CallToolResult(content=[types.TextContent(type="text", text="no such tool")], is_error=True)

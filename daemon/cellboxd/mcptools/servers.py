@@ -105,6 +105,7 @@ class McpServer:
             raise
 
     async def _serve(self, ready: asyncio.Future[None]) -> None:
+        client: Client | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
                 transport, errlog = await self._transport(stack)
@@ -114,7 +115,18 @@ class McpServer:
                 self.tools = await _list_tools(client)
                 self._client = client
                 ready.set_result(None)
-                await self._closing.wait()
+                closing = asyncio.ensure_future(self._closing.wait())
+                # a stdio server's end closes its stderr: the next call starts it again
+                ends: list[asyncio.Future[Any]] = [closing]
+                if errlog is not None and self._tail is not None:
+                    ends.append(self._tail.ended)
+                try:
+                    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    closing.cancel()
+                if not self._closing.is_set():
+                    log.warning("MCP server %s ended; it is started again for its next call", self.name)
+                self._client = None  # at once: the SDK's own end of the connection takes a while
         except BaseException as exc:
             if not ready.done():
                 ready.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
@@ -123,7 +135,8 @@ class McpServer:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._client = None
+            if self._client is client:  # not a newer start's
+                self._client = None
 
     async def _transport(self, stack: contextlib.AsyncExitStack) -> tuple[Any, IO[bytes] | None]:
         """The SDK's transport, and the write end of a stdio server's stderr pipe."""
