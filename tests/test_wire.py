@@ -25,12 +25,19 @@ def engine_reachable() -> bool:
         return False
 
 
+def bubblewrap_works() -> bool:
+    from cellboxd.backends import bubblewrap
+
+    return bubblewrap._problem() is None
+
+
 def test_initialize_advertises_cellbox(daemon: Daemon) -> None:
     result = daemon.init_result
     assert result["serverInfo"]["name"] == "cellbox"
     assert result["serverInfo"]["version"]
     cellbox = result["capabilities"]["experimental"]["cellbox"]
     backends = ["local", "docker"] if engine_reachable() else ["local"]
+    backends += ["bubblewrap"] if bubblewrap_works() else []
     assert cellbox == {
         "protocolVersion": 1,
         "backends": backends,
@@ -41,7 +48,8 @@ def test_initialize_advertises_cellbox(daemon: Daemon) -> None:
 
 def test_no_engine_means_no_docker_backend_and_a_clear_error() -> None:
     with Daemon(env={"DOCKER_HOST": NO_ENGINE}) as d:
-        assert d.init_result["capabilities"]["experimental"]["cellbox"]["backends"] == ["local"]
+        backends = ["local", "bubblewrap"] if bubblewrap_works() else ["local"]
+        assert d.init_result["capabilities"]["experimental"]["cellbox"]["backends"] == backends
         for method, params in (
             ("cellbox/createSandbox", {"backend": "docker"}),
             ("cellbox/buildImage", {"variant": "minimal"}),

@@ -60,16 +60,17 @@ def _folders(sandboxes_dir: Path) -> list[tuple[Path, Owner]]:
     return [(root, owner) for root, owner in found if owner is not None]
 
 
-def local_sandboxes(sandboxes_dir: Path) -> list[Entry]:
-    """The local backend's sandboxes (other backends list theirs from their own records)."""
+def local_sandboxes(sandboxes_dir: Path, backend: str = "local") -> list[Entry]:
+    """The sandboxes of a backend of this machine's folders (local, bubblewrap); the docker
+    backend lists its own from the engine's records."""
     entries = []
     for root, owner in _folders(sandboxes_dir):
-        if owner.backend != "local":
+        if owner.backend != backend:
             continue
         created = datetime.datetime.fromtimestamp(root.stat().st_mtime, datetime.UTC)
         entries.append(
             Entry(
-                root.name, "local", owner.pid, not pid_alive(owner.pid), created.isoformat(timespec="seconds")
+                root.name, backend, owner.pid, not pid_alive(owner.pid), created.isoformat(timespec="seconds")
             )
         )
     return entries

@@ -17,7 +17,7 @@ import msgspec
 
 PROTOCOL_VERSION = 1
 
-Backend = Literal["local", "docker"]
+Backend = Literal["local", "docker", "bubblewrap"]
 Network = Literal["bridge", "none"]
 Variant = Literal["minimal", "basic", "example"]
 Stream = Literal["stdout", "stderr"]

@@ -13,7 +13,12 @@ from cellboxd.config import Resolved
 
 def make(resolved: Resolved, daemon_id: str) -> dict[t.Backend, Backend]:
     """The daemon's backends; each loads its heavy parts when first used."""
+    from cellboxd.backends.bubblewrap import BubblewrapBackend
     from cellboxd.backends.docker import DockerBackend
     from cellboxd.backends.local import LocalBackend
 
-    return {"local": LocalBackend(resolved), "docker": DockerBackend(resolved, daemon_id)}
+    return {
+        "local": LocalBackend(resolved),
+        "docker": DockerBackend(resolved, daemon_id),
+        "bubblewrap": BubblewrapBackend(resolved),
+    }

@@ -33,7 +33,8 @@ _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
 _EXIT_WAIT = 2.0  # seconds an agent gets to stop its kernels once its stdin ended
 
 
-def _daemon_site_dirs() -> list[str]:
+def daemon_site_dirs() -> list[str]:
+    """The daemon's site-packages folders, which sandboxes' environments see (read-only)."""
     dirs = [*site.getsitepackages(), site.getusersitepackages()]
     dirs += [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
@@ -119,7 +120,7 @@ class LocalSandbox(SandboxRuntime):
         for sub in ("skills", "images"):
             (sandbox.workspace / sub).mkdir(parents=True, exist_ok=True)
         venv.EnvBuilder(with_pip=False, symlinks=True).create(sandbox._venv)
-        lines = "; ".join(f"site.addsitedir({d!r})" for d in _daemon_site_dirs())
+        lines = "; ".join(f"site.addsitedir({d!r})" for d in daemon_site_dirs())
         (sandbox.site_packages / "_cellbox_daemon.pth").write_text(f"import site; {lines}\n")
         # `!pip` in a cell installs into this sandbox, like `%pip` does
         pip = sandbox._venv / "bin" / "pip"
@@ -127,9 +128,18 @@ class LocalSandbox(SandboxRuntime):
         pip.chmod(0o755)
         return sandbox
 
-    def environment(self) -> dict[str, str]:
-        """The agent's environment, which its kernels and commands inherit."""
-        env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith("CELLBOX_")}
+    def environment(self, inherit: bool = True) -> dict[str, str]:
+        """The agent's environment, which its kernels and commands inherit: the daemon's own
+        (unless not `inherit`: then only what a program needs) and the sandbox's `env`."""
+        if inherit:
+            env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith("CELLBOX_")}
+        else:
+            env = {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": "/tmp",
+                "LANG": "C.UTF-8",
+                "TMPDIR": "/tmp",
+            }
         env.update(self._user_env)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(self.workspace / "skills"), self._user_env.get("PYTHONPATH")) if p
@@ -146,13 +156,17 @@ class LocalSandbox(SandboxRuntime):
         loop = asyncio.get_running_loop()
         _, agent = await loop.subprocess_exec(
             lambda: _AgentProcess(channel),
-            *ch.command(self.python, program),
+            *self.agent_command(program),
             env=self.environment(),
             cwd=self.workspace,
             start_new_session=True,
         )
         self._agent = agent
         await channel.start(agent, program)
+
+    def agent_command(self, program: bytes) -> list[str]:
+        """The command line that starts the sandbox's agent."""
+        return ch.command(self.python, program)
 
     async def _remove(self) -> None:
         """Stops the agent and removes its folder; the sandbox's own folder is its owner's."""
