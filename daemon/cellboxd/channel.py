@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from cellboxd import mcptools
 from cellboxd.sandbox import outputs, wire
 
 log = logging.getLogger(__name__)
@@ -243,9 +244,7 @@ class KernelPort:
 
     async def answer_tool(self, call: int, reply: bytes) -> None:
         """Answers one of the kernel's calls of an MCP tool (a JSON object, see mcptools)."""
-        self._channel._tool_calls.pop(call, None)
-        with contextlib.suppress(ChannelClosed, AgentError):
-            await self._channel.call("tool.reply", reply, call=call)
+        await self._channel._answer_tool(call, reply)
 
     async def output(self) -> str:
         """The end of what the kernel process wrote to its stdout and stderr."""
@@ -310,6 +309,7 @@ class Channel:
         self._calls: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._ports: dict[int, KernelPort] = {}
         self._tool_calls: dict[int, KernelPort] = {}  # calls of MCP tools not answered yet
+        self._refusals: set[asyncio.Future[None]] = set()  # answers to calls no kernel serves
         self._runs: dict[int, _Run] = {}
         self._slots = itertools.count(1)
         self._queued = 0  # bytes of kernel messages not taken yet
@@ -446,9 +446,9 @@ class Channel:
                 self._tool_calls[call] = port
                 port.on_tool(call, blob)
             elif call not in self._tool_calls:  # no kernel to serve it: the call is not left waiting
-                refused = b'{"ok": false, "kind": "failed", "message": "no kernel serves this call"}'
-                task = asyncio.ensure_future(self.call("tool.reply", refused, call=call))
-                task.add_done_callback(lambda done: done.cancelled() or done.exception())
+                refused = mcptools.answer("failed", "no kernel serves this call")
+                self._refusals.add(task := asyncio.ensure_future(self._answer_tool(call, refused)))
+                task.add_done_callback(self._refusals.discard)
         elif what == "tool.cancel" and (port := self._tool_calls.pop(_int(event.get("call")), None)):
             if port.on_tool_cancel is not None:
                 port.on_tool_cancel(_int(event.get("call")))
@@ -457,6 +457,11 @@ class Channel:
             if run is not None and not run.done.done():
                 code = event.get("code")
                 run.done.set_result(code if isinstance(code, int) else -1)
+
+    async def _answer_tool(self, call: int, reply: bytes) -> None:
+        self._tool_calls.pop(call, None)
+        with contextlib.suppress(ChannelClosed, AgentError):
+            await self.call("tool.reply", reply, call=call)
 
     def _taken(self, size: int) -> None:
         self._queued -= size

@@ -165,18 +165,8 @@ def _run(args: argparse.Namespace) -> int:
     client = _client(_approver(args.approve))
     with client, client.create_sandbox(args.backend, env=dict(args.env)) as sandbox:
         for name, server in servers.items():
-            spec = server.spec
             try:
-                sandbox.register_mcp_server(
-                    name,
-                    command=spec.command,
-                    args=spec.args,
-                    env=spec.env,
-                    cwd=spec.cwd,
-                    url=spec.url,
-                    headers=spec.headers,
-                    approval=server.approval,
-                )
+                sandbox.register_mcp_server(name, **server.registration())
             except McpServerFailed as e:
                 log = (e.data or {}).get("log") or ""
                 print(f"cellbox: {e.message}" + (f"; its output:\n{log}" if log else ""), file=sys.stderr)

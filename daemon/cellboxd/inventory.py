@@ -60,7 +60,7 @@ def _folders(sandboxes_dir: Path) -> list[tuple[Path, Owner]]:
     return [(root, owner) for root, owner in found if owner is not None]
 
 
-def local_sandboxes(sandboxes_dir: Path, backend: str = "local") -> list[Entry]:
+def local_sandboxes(sandboxes_dir: Path, backend: str) -> list[Entry]:
     """The sandboxes of a backend of this machine's folders (local, bubblewrap); the docker
     backend lists its own from the engine's records."""
     entries = []

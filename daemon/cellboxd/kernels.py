@@ -185,7 +185,7 @@ class Kernel:
         start_timeout: float,
         notify: Notify,
         drain: Callable[[], Awaitable[None]],
-        tools: ToolCalls | None = None,
+        tools: ToolCalls,
         name: str | None = None,
     ) -> None:
         self.kernel_id = kernel_id
@@ -574,10 +574,7 @@ class Kernel:
 
     async def _tool(self, process: _Process, call: int, request: bytes, execution: Execution | None) -> None:
         try:
-            if self._tools is None:
-                reply = mcptools.answer("failed", "this kernel serves no MCP tools")
-            else:
-                reply = await self._tools(self, execution, request)
+            reply = await self._tools(self, execution, request)
         except asyncio.CancelledError:
             reply = mcptools.answer("failed", "the call was ended: its execution was interrupted or is over")
         except Exception as exc:  # the sandbox's request: a line in the log, not a traceback

@@ -31,6 +31,19 @@ class ConfiguredServer:
     spec: t.McpServerSpec
     approval: t.Approval = "ask"
 
+    def registration(self) -> dict[str, Any]:
+        """The keyword arguments of the client's `register_mcp_server` (async or sync)."""
+        s = self.spec
+        return {
+            "command": s.command,
+            "args": s.args,
+            "env": s.env,
+            "cwd": s.cwd,
+            "url": s.url,
+            "headers": s.headers,
+            "approval": self.approval,
+        }
+
 
 _TRANSPORT_TYPES: Final = {"stdio": "command", "http": "url", "streamable-http": "url"}
 

@@ -443,18 +443,8 @@ class _App:
         )
         try:
             for name, server in o.mcp_servers.items():
-                spec = server.spec
                 try:
-                    await sandbox.register_mcp_server(
-                        name,
-                        command=spec.command,
-                        args=spec.args,
-                        env=spec.env,
-                        cwd=spec.cwd,
-                        url=spec.url,
-                        headers=spec.headers,
-                        approval=server.approval,
-                    )
+                    await sandbox.register_mcp_server(name, **server.registration())
                 except CellboxError as e:
                     raise CellboxError(f"the MCP server {name!r} of --mcp-config failed: {e.message}") from e
         except BaseException:

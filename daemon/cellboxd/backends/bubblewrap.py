@@ -16,21 +16,16 @@ the daemon (`--die-with-parent`), and the agent with bwrap.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from cellbox import errors
 from cellbox import types as t
 from cellboxd import channel as ch
-from cellboxd import inventory
-from cellboxd.backends.base import Key, OnLine, SandboxRuntime
-from cellboxd.backends.local import LocalSandbox, daemon_site_dirs
-from cellboxd.config import Resolved
+from cellboxd.backends.local import LocalBackend, LocalSandbox, daemon_site_dirs, given_fields
 
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # what programs read of /etc: the loader's cache, TLS roots, time zones, users, alternatives
@@ -74,15 +69,10 @@ def _problem() -> str | None:
     return None
 
 
-class BubblewrapBackend:
+class BubblewrapBackend(LocalBackend):
+    """The local backend's sandboxes, under bwrap."""
+
     name: t.Backend = "bubblewrap"
-
-    def __init__(self, resolved: Resolved) -> None:
-        self._resolved = resolved
-
-    @property
-    def place(self) -> str:
-        return ""
 
     def available(self) -> bool:
         return _problem() is None
@@ -90,38 +80,16 @@ class BubblewrapBackend:
     def validate(self, params: t.CreateSandboxParams) -> None:
         if (problem := _problem()) is not None:
             raise errors.BackendUnavailable(f"the bubblewrap backend: {problem}", {"backend": self.name})
-        given = [
-            field
-            for field, value in (
-                ("image", params.image),
-                ("mounts", params.mounts),
-                ("limits", params.limits),
-                ("runtime", params.runtime),
-            )
-            if value
-        ]
-        if params.network not in (None, "none"):
-            given.append("network")
+        given = [field for field in given_fields(params) if field != "network" or params.network != "none"]
         if given:
             raise errors.InvalidParams(
                 f"Invalid params: `{'`, `'.join(given)}` are not taken by the bubblewrap backend, whose "
                 'sandboxes have no network (`network: "none"`)'
             )
 
-    def pool_key(self, image: str | None) -> Key:
-        return (self.name, None)
-
-    async def create(
-        self, sandbox_id: str, root: Path, params: t.CreateSandboxParams, on_line: OnLine
-    ) -> SandboxRuntime:
-        folder = self._resolved.runtime_path / sandbox_id
-        return await asyncio.to_thread(BubblewrapSandbox.create, sandbox_id, root, params.env, folder)
-
-    def entries(self) -> list[inventory.Entry]:
-        return inventory.local_sandboxes(self._resolved.sandboxes_path, self.name)
-
-    async def remove_orphans(self) -> list[str]:
-        return []  # bwrap dies with its daemon; the sweep of folders removes the rest
+    @property
+    def sandbox_type(self) -> type[LocalSandbox]:
+        return BubblewrapSandbox
 
 
 class BubblewrapSandbox(LocalSandbox):

@@ -40,6 +40,18 @@ def daemon_site_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+def given_fields(params: t.CreateSandboxParams) -> list[str]:
+    """The fields of `createSandbox` that make a sandbox isolated (the docker backend's), set."""
+    fields = {
+        "image": params.image,
+        "mounts": params.mounts,
+        "limits": params.limits,
+        "network": params.network,
+        "runtime": params.runtime,
+    }
+    return [field for field, value in fields.items() if value]
+
+
 class LocalBackend:
     name: t.Backend = "local"
 
@@ -54,18 +66,7 @@ class LocalBackend:
         return True
 
     def validate(self, params: t.CreateSandboxParams) -> None:
-        given = [
-            field
-            for field, value in (
-                ("image", params.image),
-                ("mounts", params.mounts),
-                ("limits", params.limits),
-                ("network", params.network),
-                ("runtime", params.runtime),
-            )
-            if value
-        ]
-        if given:
+        if given := given_fields(params):
             raise errors.InvalidParams(
                 f"Invalid params: `{'`, `'.join(given)}` need the docker backend; the local backend "
                 "isolates nothing"
@@ -78,13 +79,17 @@ class LocalBackend:
         self, sandbox_id: str, root: Path, params: t.CreateSandboxParams, on_line: OnLine
     ) -> SandboxRuntime:
         folder = self._resolved.runtime_path / sandbox_id
-        return await asyncio.to_thread(LocalSandbox.create, sandbox_id, root, params.env, folder)
+        return await asyncio.to_thread(self.sandbox_type.create, sandbox_id, root, params.env, folder)
+
+    @property
+    def sandbox_type(self) -> type[LocalSandbox]:
+        return LocalSandbox
 
     def entries(self) -> list[inventory.Entry]:
-        return inventory.local_sandboxes(self._resolved.sandboxes_path)
+        return inventory.local_sandboxes(self._resolved.sandboxes_path, self.name)
 
     async def remove_orphans(self) -> list[str]:
-        return []  # their folders are all there is, and the sweep of folders removes them
+        return []  # their folders are all there is (agents die with the daemon), and the sweep removes them
 
 
 class LocalSandbox(SandboxRuntime):
